@@ -1,0 +1,3 @@
+from .attentive_norm import ATTENTION_EPS, AttentiveBatchNorm2d, MixtureAttention, instance_attention_stats
+from .norm_utils import (
+    FrozenAttentiveBatchNorm2d, attentive_norm_no_weight_decay, convert_sync_batchnorm, freeze_batch_norm_2d)

@@ -1,0 +1,212 @@
+"""Reading checkpoints safely and mapping official Attentive Normalization checkpoints to an_zoo names.
+
+Official training checkpoints pickle, next to the weights, objects of classes from libraries an_zoo does not depend
+on (apex's ``LossScaler`` in the optimizer state). They are read with ``torch.load(weights_only=True)``; the foreign
+classes are resolved to inert placeholders, so nothing from the file is imported or executed.
+"""
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..layers import AttentiveBatchNorm2d
+
+__all__ = ['CheckpointError', 'load_checkpoint_file', 'unwrap_state_dict', 'remap_state_dict', 'OFFICIAL_PREFIXES']
+
+# DistributedDataParallel ('module.') around apex's FP16Model ('network.'), in the order they must be stripped
+OFFICIAL_PREFIXES = ('module.network.', 'module.', 'network.')
+
+# Renames shared by every family: the AN layer and its attention branch in the legacy / refactored releases
+AN_RENAMES: Tuple[Tuple[str, str], ...] = (
+    (r'\.AttnBN2d(\d)\.', r'.bn\1.'),                                   # refactored: layerX.Y.AttnBN2d2 -> bn2
+    (r'\.(?:attention_weights|attn_weights)\.attention\.0\.', '.attn.conv.'),
+    (r'\.(?:attention_weights|attn_weights)\.attention\.1\.', '.attn.bn.'),
+)
+_AN_OWN_NAMES = {
+    'weight_': 'mixture_weight',
+    'bias_': 'mixture_bias',
+    'running_mean': 'norm.running_mean',
+    'running_var': 'norm.running_var',
+    'num_batches_tracked': 'norm.num_batches_tracked',
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or does not fit the model; the message says what and how to proceed."""
+
+
+class _ForeignObject:
+    """Inert stand-in for an object of a class the checkpoint references but an_zoo does not trust or import.
+
+    It only records the arguments and state the pickle hands it; no code from the file is run.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f'<foreign object {self._foreign_name} (not loaded)>'
+
+
+def _placeholder(qualified_name: str) -> Tuple[type, str]:
+    module, _, name = qualified_name.rpartition('.')
+    cls = type(name, (_ForeignObject,), {'__module__': module, '_foreign_name': qualified_name})
+    return cls, qualified_name
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        if not unsafe:
+            raise CheckpointError(f'cannot read checkpoint {path}: {err}') from err
+        # Classes from other libraries (e.g. apex's loss scaler) become inert placeholders; only tensors are used.
+        with torch.serialization.safe_globals([_placeholder(name) for name in unsafe]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Read the state_dict of a ``.safetensors`` file or a torch checkpoint (``.pth``, ``.pth.tar``, ``.bin``).
+
+    Torch pickles are loaded with ``weights_only=True``; classes the file references from other libraries are
+    replaced by inert placeholders, so neither importing nor executing anything from the file can happen.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is truncated, corrupt, or holds no state_dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    if path.suffix == '.safetensors':
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f'cannot read {path}: not a valid safetensors file ({err}). It may be truncated or corrupt: '
+                f'download it again.') from err
+    try:
+        checkpoint = _torch_load_weights_only(path)
+    except CheckpointError:
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise CheckpointError(
+            f'cannot read checkpoint {path}: {err}. The file may be truncated or not a PyTorch checkpoint: '
+            f'download it again.') from err
+    return unwrap_state_dict(checkpoint, source=str(path))
+
+
+def unwrap_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+    """The tensors of a training checkpoint container (``{'state_dict': ...}``, ``{'model': ...}`` or bare)."""
+    state_dict = checkpoint
+    if isinstance(checkpoint, Mapping):
+        for key in ('state_dict', 'model'):
+            if isinstance(checkpoint.get(key), Mapping):
+                state_dict = checkpoint[key]
+                break
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise CheckpointError(f'{source} holds no state_dict (found {type(checkpoint).__name__})')
+    non_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise CheckpointError(
+            f'{source}: the state_dict holds non-tensor entries {non_tensors[:10]}; expected a mapping of names '
+            f'to tensors (a model state_dict or a training checkpoint with a "state_dict" entry)')
+    return dict(state_dict)
+
+
+def _strip_prefix(key: str, prefixes: Sequence[str]) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _an_module_paths(model: nn.Module) -> set:
+    return {name for name, module in model.named_modules() if isinstance(module, AttentiveBatchNorm2d)}
+
+
+def _rename_an_own(key: str, an_paths: set) -> str:
+    module_path, _, leaf = key.rpartition('.')
+    if module_path in an_paths and leaf in _AN_OWN_NAMES:
+        return f'{module_path}.{_AN_OWN_NAMES[leaf]}'
+    return key
+
+
+def _shift_sequential_index(key: str, target_keys: Iterable[str]) -> str:
+    """Official shortcuts without a leading pool (``downsample.0`` = conv) vs ours with one (``downsample.1``)."""
+    match = re.match(r'^(.*\.downsample\.)(\d+)(\..*)$', key)
+    if match:
+        shifted = f'{match.group(1)}{int(match.group(2)) + 1}{match.group(3)}'
+        if shifted in target_keys:
+            return shifted
+    return key
+
+
+def remap_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        renames: Sequence[Tuple[str, str]] = (),
+        prefixes: Sequence[str] = OFFICIAL_PREFIXES,
+) -> Dict[str, torch.Tensor]:
+    """Map an official (legacy or refactored) or an_zoo state_dict onto ``model``'s names, exactly or not at all.
+
+    Args:
+        state_dict: Source tensors.
+        model: The target model; its state_dict keys and its AN layers drive the mapping.
+        renames: Family-specific ``(regex, replacement)`` pairs applied, in order, after the prefix is stripped and
+            before the AN renames.
+        prefixes: Wrapper prefixes to strip (first match only).
+
+    Returns:
+        A state_dict with ``model``'s names, every floating tensor cast to the dtype of the model tensor it loads
+        into (official files mix float16 and float32).
+
+    Raises:
+        CheckpointError: listing every source key that maps to nothing and every model key nothing maps to
+            (the classifier is exempt: timm drops or re-initialises it when ``num_classes`` differs).
+    """
+    target = model.state_dict()
+    an_paths = _an_module_paths(model)
+    classifier = getattr(model, 'pretrained_cfg', {}).get('classifier') or ''
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    classifiers = tuple(c for c in classifiers if c)
+
+    def is_classifier(key: str) -> bool:
+        return any(key.startswith(c + '.') for c in classifiers)
+
+    out: Dict[str, torch.Tensor] = {}
+    unmapped: List[str] = []
+    for source_key, value in state_dict.items():
+        key = _strip_prefix(source_key, prefixes)
+        for pattern, replacement in tuple(renames) + AN_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        key = _rename_an_own(key, an_paths)
+        if key not in target:
+            key = _shift_sequential_index(key, target)
+        if key in target:
+            if value.is_floating_point():
+                value = value.to(target[key].dtype)
+            out[key] = value
+        elif is_classifier(key):
+            out[key] = value  # e.g. a model built with num_classes=0: timm drops the head keys
+        else:
+            unmapped.append(source_key)
+    missing = [k for k in target if k not in out and not is_classifier(k)]
+    if unmapped or missing:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        raise CheckpointError(
+            f'the checkpoint does not fit {name}: {len(unmapped)} checkpoint key(s) map to no parameter of the '
+            f'model: {unmapped}; {len(missing)} model key(s) are not in the checkpoint: {missing}. '
+            f'Check that the checkpoint is for this architecture (and variant), e.g. an AN-ResNet-50 file for '
+            f'an_resnet50.')
+    return out
