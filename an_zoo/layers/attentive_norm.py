@@ -148,8 +148,9 @@ class AttentiveBatchNorm2d(nn.Module):
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f'AttentiveBatchNorm2d({self.num_features}) got an input with {x.shape[1]} channels')
-        if self.training and x.shape[0] == 1:
-            # the attention branch normalizes its (N, K) logits over the batch, as BatchNorm does
+        if self.attn.bn.training and x.shape[0] == 1:
+            # the attention branch normalizes its (N, K) logits over the batch, as BatchNorm does (a frozen
+            # layer keeps that BatchNorm in eval mode and takes any batch size)
             raise ValueError(
                 f'Expected more than 1 value per channel when training, got input size {list(x.shape)}: '
                 f'AttentiveBatchNorm2d normalizes its attention over the batch, so training needs batch size > 1 '

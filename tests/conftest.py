@@ -1,0 +1,38 @@
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import an_zoo  # noqa: F401  (registers the models)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# CI checks out the repo next to ../shared; AN_ZOO_GOLDEN_DIR overrides
+GOLDEN_DIR = Path(os.environ.get('AN_ZOO_GOLDEN_DIR', REPO_ROOT.parent / 'shared' / 'golden'))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope='session')
+def golden():
+    """(cases, materialize module, dir) of the official golden data; skipped with the reason if it is absent."""
+    if not (GOLDEN_DIR / 'cases.json').is_file():
+        pytest.skip(f'golden reference data not found at {GOLDEN_DIR} (set AN_ZOO_GOLDEN_DIR)')
+    spec = importlib.util.spec_from_file_location('golden_materialize', GOLDEN_DIR / 'materialize.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cases = json.loads((GOLDEN_DIR / 'cases.json').read_text())['cases']
+    return cases, module, GOLDEN_DIR
+
+
+@pytest.fixture(scope='session')
+def golden_checkpoints(golden, tmp_path_factory):
+    """Every golden case's checkpoint, written (digest-verified) once per test session."""
+    cases, module, _ = golden
+    out = tmp_path_factory.mktemp('golden_ckpt')
+    return {case['name']: Path(module.materialize(case['name'], str(out))) for case in cases}
