@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from an_zoo import AttentiveBatchNorm2d, FrozenAttentiveBatchNorm2d
+from an_zoo import AttentiveBatchNorm2d
 from an_zoo.layers import instance_attention_stats
 
 
@@ -155,8 +155,9 @@ def test_torchscript():
 
 def test_frozen_layer():
     layer = _layer()
-    frozen = FrozenAttentiveBatchNorm2d.from_module(layer).train()
-    assert set(frozen.state_dict()) == set(layer.state_dict())
+    keys = set(layer.state_dict())
+    frozen = _layer_copy(layer).freeze().train()
+    assert frozen.frozen and set(frozen.state_dict()) == keys and 'frozen=True' in repr(frozen)
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
     x = torch.randn(1, 16, 5, 5)  # batch 1 is fine: nothing is estimated from the batch
     out = frozen(x)

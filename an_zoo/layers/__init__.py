@@ -1,3 +1,4 @@
-from .attentive_norm import ATTENTION_EPS, AttentiveBatchNorm2d, MixtureAttention, instance_attention_stats
+from .attentive_norm import (
+    ATTENTION_EPS, AttentiveBatchNorm2d, AttentiveBatchNormAct2d, MixtureAttention, instance_attention_stats)
 from .norm_utils import (
-    FrozenAttentiveBatchNorm2d, attentive_norm_no_weight_decay, convert_sync_batchnorm, freeze_batch_norm_2d)
+    attentive_norm_no_weight_decay, convert_bn_to_an, convert_sync_batchnorm, freeze_batch_norm_2d)

@@ -23,14 +23,14 @@ Behaviour where the official code is undefined (documented and tested):
       an input with one value per channel — a ``ValueError`` is raised.
     * mixed precision: the per-sample statistics are computed in float32; the output has the input's dtype.
 """
-from typing import Optional
+from typing import Any, Dict, Optional, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
+from timm.layers import create_act_layer, register_notrace_module
 
-__all__ = ['AttentiveBatchNorm2d', 'MixtureAttention', 'instance_attention_stats']
+__all__ = ['AttentiveBatchNorm2d', 'AttentiveBatchNormAct2d', 'MixtureAttention', 'instance_attention_stats']
 
 # Epsilon of the attention statistic (mean * rsqrt(var + eps)); fixed by the reference, distinct from the BN eps.
 ATTENTION_EPS = 1e-3
@@ -119,6 +119,7 @@ class AttentiveBatchNorm2d(nn.Module):
         self.attn = MixtureAttention(num_features, num_mixtures, eps=attn_eps, **dd)
         self.mixture_weight = nn.Parameter(torch.empty(num_mixtures, num_features, **dd))
         self.mixture_bias = nn.Parameter(torch.empty(num_mixtures, num_features, **dd))
+        self.frozen = False
         self.reset_parameters()
 
     @property
@@ -139,8 +140,26 @@ class AttentiveBatchNorm2d(nn.Module):
             nn.init.normal_(self.mixture_weight, 1.0, 0.1)
             nn.init.normal_(self.mixture_bias, 0.0, 0.1)
 
+    def freeze(self) -> 'AttentiveBatchNorm2d':
+        """Freeze the running statistics, the mixture and the attention's BatchNorm (the AN counterpart of
+        ``FrozenBatchNorm2d``, for small-batch fine-tuning such as detection). The attention is still computed
+        per instance and its 1x1 conv stays trainable. The state_dict is unchanged."""
+        self.frozen = True
+        for param in (self.mixture_weight, self.mixture_bias, *self.attn.bn.parameters()):
+            param.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> 'AttentiveBatchNorm2d':
+        super().train(mode)
+        if self.frozen:  # frozen statistics: the BatchNorms never estimate from the batch
+            self.norm.eval()
+            self.attn.bn.eval()
+        return self
+
     def extra_repr(self) -> str:
-        return f'{self.num_features}, num_mixtures={self.num_mixtures}, eps={self.eps}, momentum={self.momentum}'
+        frozen = ', frozen=True' if self.frozen else ''
+        return (f'{self.num_features}, num_mixtures={self.num_mixtures}, eps={self.eps}, '
+                f'momentum={self.momentum}{frozen}')
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
@@ -158,6 +177,9 @@ class AttentiveBatchNorm2d(nn.Module):
                 f'with frozen statistics).')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._attentive_norm(x)
+
+    def _attentive_norm(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x_hat = self.norm(x)
         lam = self.attn(x).to(self.mixture_weight.dtype)
@@ -165,3 +187,41 @@ class AttentiveBatchNorm2d(nn.Module):
         beta = lam @ self.mixture_bias
         out = x_hat * gamma[:, :, None, None] + beta[:, :, None, None]
         return out.to(x.dtype)
+
+
+@register_notrace_module
+class AttentiveBatchNormAct2d(AttentiveBatchNorm2d):
+    """AN followed by dropout and an activation: the counterpart of timm's ``BatchNormAct2d`` for timm blocks that
+    fuse norm and activation (EfficientNet / MobileNet builders). Same state_dict as :class:`AttentiveBatchNorm2d`.
+    """
+
+    def __init__(
+            self,
+            num_features: int,
+            num_mixtures: int = 10,
+            eps: float = 1e-5,
+            momentum: Optional[float] = 0.1,
+            attn_eps: float = ATTENTION_EPS,
+            apply_act: bool = True,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            act_kwargs: Optional[Dict[str, Any]] = None,
+            inplace: bool = True,
+            drop_layer: Optional[Type[nn.Module]] = None,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            num_features, num_mixtures, eps, momentum, attn_eps: As :class:`AttentiveBatchNorm2d`.
+            apply_act: Apply ``act_layer`` after the normalization.
+            act_layer, act_kwargs, inplace: The activation (timm ``create_act_layer`` arguments).
+            drop_layer: Optional dropout layer class applied before the activation.
+        """
+        super().__init__(num_features, num_mixtures, eps=eps, momentum=momentum, attn_eps=attn_eps,
+                         device=device, dtype=dtype)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        act_kwargs = act_kwargs or {}
+        self.act = create_act_layer(act_layer, inplace=inplace, **act_kwargs) if apply_act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self._attentive_norm(x)))

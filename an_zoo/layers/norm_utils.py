@@ -1,52 +1,24 @@
 """AN-aware versions of the BatchNorm utilities timm and torch provide (sync-BN, freezing, weight decay)."""
-from typing import Optional, Set
+import fnmatch
+from typing import Callable, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import BatchNormAct2d
 from timm.layers import freeze_batch_norm_2d as timm_freeze_batch_norm_2d
 
-from .attentive_norm import AttentiveBatchNorm2d
+from .attentive_norm import AttentiveBatchNorm2d, AttentiveBatchNormAct2d
 
-__all__ = ['FrozenAttentiveBatchNorm2d', 'freeze_batch_norm_2d', 'convert_sync_batchnorm',
-           'attentive_norm_no_weight_decay']
-
-
-class FrozenAttentiveBatchNorm2d(AttentiveBatchNorm2d):
-    """AN with frozen running statistics, mixture and attention BatchNorm; the attention itself is still computed
-    per instance. The AN counterpart of ``FrozenBatchNorm2d`` for small-batch fine-tuning (e.g. detection).
-
-    Same state_dict as :class:`AttentiveBatchNorm2d`; the frozen parameters have ``requires_grad=False`` and its
-    BatchNorms stay in eval mode whatever ``train()`` is called with. Only ``attn.conv`` remains trainable.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        for param in (self.mixture_weight, self.mixture_bias, *self.attn.bn.parameters()):
-            param.requires_grad_(False)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> 'FrozenAttentiveBatchNorm2d':
-        super().train(mode)
-        self.norm.eval()
-        self.attn.bn.eval()
-        return self
-
-    @classmethod
-    def from_module(cls, module: AttentiveBatchNorm2d) -> 'FrozenAttentiveBatchNorm2d':
-        ref = module.mixture_weight
-        frozen = cls(module.num_features, module.num_mixtures, eps=module.eps, momentum=module.momentum,
-                     attn_eps=module.attn.eps, device=ref.device, dtype=ref.dtype)
-        frozen.load_state_dict(module.state_dict())
-        frozen.train(module.training)
-        return frozen
+__all__ = ['freeze_batch_norm_2d', 'convert_sync_batchnorm', 'attentive_norm_no_weight_decay', 'convert_bn_to_an']
 
 
 def freeze_batch_norm_2d(module: nn.Module) -> nn.Module:
-    """Freeze every norm of ``module``: AN layers become :class:`FrozenAttentiveBatchNorm2d`, plain BatchNorm
-    timm's ``FrozenBatchNorm2d``. timm's own ``freeze_batch_norm_2d`` alone would freeze an AN layer's inner
-    statistics but leave its mixture trainable. Returns the (possibly new) module, as timm's does."""
+    """Freeze every norm of ``module``: AN layers are frozen in place (:meth:`AttentiveBatchNorm2d.freeze`:
+    statistics, mixture and attention BatchNorm fixed, attention still per instance), plain BatchNorm becomes timm's
+    ``FrozenBatchNorm2d``. timm's own ``freeze_batch_norm_2d`` alone would swap an AN layer's inner BatchNorms but
+    leave its mixture trainable. Returns the (possibly new) module, as timm's does."""
     if isinstance(module, AttentiveBatchNorm2d):
-        return module if isinstance(module, FrozenAttentiveBatchNorm2d) else FrozenAttentiveBatchNorm2d.from_module(module)
+        return module.freeze()
     frozen = timm_freeze_batch_norm_2d(module) if not any(
         isinstance(m, AttentiveBatchNorm2d) for m in module.modules()) else module
     if frozen is module:
@@ -73,3 +45,55 @@ def attentive_norm_no_weight_decay(model: nn.Module) -> Set[str]:
     """
     return {f'{name}.{param}' for name, m in model.named_modules() if isinstance(m, AttentiveBatchNorm2d)
             for param in ('mixture_weight', 'mixture_bias')}
+
+
+def convert_bn_to_an(
+        model: nn.Module,
+        num_mixtures: Union[int, Callable[[str, nn.Module], int]] = 10,
+        include: Optional[Union[Sequence[str], Callable[[str, nn.Module], bool]]] = None,
+) -> nn.Module:
+    """Turn chosen BatchNorm2d layers of any CNN (timm, torchvision, your own) into Attentive Normalization.
+
+    Each chosen BatchNorm becomes an :class:`AttentiveBatchNorm2d` (or :class:`AttentiveBatchNormAct2d`, keeping the
+    activation, for timm's ``BatchNormAct2d``) with the same width, eps, momentum, device and dtype; its running
+    statistics are kept, the mixture is initialised as the reference does (scales ~ N(1, 0.1), offsets ~ N(0, 0.1))
+    and its attention is new, so the converted model needs fine-tuning.
+
+    Args:
+        model: The model, converted in place (and returned).
+        num_mixtures: K for every converted layer, or ``fn(name, module) -> K``.
+        include: Which BatchNorms to convert: glob patterns on module names (``['layer*.*.bn2']``) or
+            ``fn(name, module) -> bool``. Default: every BatchNorm2d.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``include`` matched no BatchNorm2d (the message lists the candidates).
+    """
+    def chosen(name: str, module: nn.Module) -> bool:
+        if include is None:
+            return True
+        if callable(include):
+            return bool(include(name, module))
+        return any(fnmatch.fnmatch(name, pattern) for pattern in include)
+
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) in (nn.BatchNorm2d, BatchNormAct2d) and chosen(name, m)]
+    if not targets:
+        candidates = [n for n, m in model.named_modules() if type(m) in (nn.BatchNorm2d, BatchNormAct2d)]
+        raise ValueError(f'include={include!r} matched no BatchNorm2d; candidates: {candidates[:20]}'
+                         f'{" ..." if len(candidates) > 20 else ""}')
+    for name, bn in targets:
+        k = num_mixtures(name, bn) if callable(num_mixtures) else num_mixtures
+        dd = dict(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        if isinstance(bn, BatchNormAct2d):
+            an = AttentiveBatchNormAct2d(bn.num_features, k, eps=bn.eps, momentum=bn.momentum, apply_act=False, **dd)
+            an.drop, an.act = bn.drop, bn.act
+        else:
+            an = AttentiveBatchNorm2d(bn.num_features, k, eps=bn.eps, momentum=bn.momentum, **dd)
+        an.norm.load_state_dict({k_: v for k_, v in bn.state_dict().items() if k_ not in ('weight', 'bias')})
+        an.train(bn.training)
+        parent, _, child = name.rpartition('.')
+        setattr(model.get_submodule(parent) if parent else model, child, an)
+    return model

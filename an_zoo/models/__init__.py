@@ -1,1 +1,2 @@
+from .mobilenet import *
 from .resnet import *

@@ -7,7 +7,7 @@ classes are resolved to inert placeholders, so nothing from the file is imported
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -142,13 +142,25 @@ def _rename_an_own(key: str, an_paths: set) -> str:
     return key
 
 
-def _shift_sequential_index(key: str, target_keys: Iterable[str]) -> str:
-    """Official shortcuts without a leading pool (``downsample.0`` = conv) vs ours with one (``downsample.1``)."""
-    match = re.match(r'^(.*\.downsample\.)(\d+)(\..*)$', key)
-    if match:
-        shifted = f'{match.group(1)}{int(match.group(2)) + 1}{match.group(3)}'
-        if shifted in target_keys:
-            return shifted
+def _shortcuts_missing_pool(keys: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> set:
+    """Shortcuts written without a leading pool (``downsample.0`` = conv) where ours has one (``downsample.1``):
+    the refactored ResNetV1d's stride-1 layer1 shortcut."""
+    prefixes = set()
+    for key, value in keys.items():
+        match = re.match(r'^(.*\.downsample\.)0\.weight$', key)
+        if match and value.dim() == 4:
+            prefix = match.group(1)
+            ours = target.get(f'{prefix}1.weight')
+            if f'{prefix}0.weight' not in target and ours is not None and ours.dim() == 4:
+                prefixes.add(prefix)
+    return prefixes
+
+
+def _shift_index(key: str, prefixes: set) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            index, _, rest = key[len(prefix):].partition('.')
+            return f'{prefix}{int(index) + 1}.{rest}'
     return key
 
 
@@ -157,6 +169,8 @@ def remap_state_dict(
         model: nn.Module,
         renames: Sequence[Tuple[str, str]] = (),
         prefixes: Sequence[str] = OFFICIAL_PREFIXES,
+        rename_fn: Optional[Callable[[str], str]] = None,
+        ignore: Sequence[str] = (),
 ) -> Dict[str, torch.Tensor]:
     """Map an official (legacy or refactored) or an_zoo state_dict onto ``model``'s names, exactly or not at all.
 
@@ -166,6 +180,9 @@ def remap_state_dict(
         renames: Family-specific ``(regex, replacement)`` pairs applied, in order, after the prefix is stripped and
             before the AN renames.
         prefixes: Wrapper prefixes to strip (first match only).
+        rename_fn: Family-specific renaming that needs more than a regex, applied before ``renames``.
+        ignore: Prefixes of (renamed) checkpoint keys the model does not have by design and that are dropped,
+            e.g. the head of a features-only model.
 
     Returns:
         A state_dict with ``model``'s names, every floating tensor cast to the dtype of the model tensor it loads
@@ -184,19 +201,26 @@ def remap_state_dict(
     def is_classifier(key: str) -> bool:
         return any(key.startswith(c + '.') for c in classifiers)
 
+    renamed = {}
+    for source_key, value in state_dict.items():
+        key = _strip_prefix(source_key, prefixes)
+        if rename_fn is not None:
+            key = rename_fn(key)
+        for pattern, replacement in tuple(renames) + AN_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[source_key] = _rename_an_own(key, an_paths)
+    shift = _shortcuts_missing_pool({k: state_dict[s] for s, k in renamed.items()}, target)
+
     out: Dict[str, torch.Tensor] = {}
     unmapped: List[str] = []
     for source_key, value in state_dict.items():
-        key = _strip_prefix(source_key, prefixes)
-        for pattern, replacement in tuple(renames) + AN_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        key = _rename_an_own(key, an_paths)
-        if key not in target:
-            key = _shift_sequential_index(key, target)
+        key = _shift_index(renamed[source_key], shift)
         if key in target:
             if value.is_floating_point():
                 value = value.to(target[key].dtype)
             out[key] = value
+        elif key.startswith(tuple(ignore)):
+            continue
         elif is_classifier(key):
             out[key] = value  # e.g. a model built with num_classes=0: timm drops the head keys
         else:

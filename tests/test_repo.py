@@ -1,0 +1,105 @@
+"""Repository contracts: README set-up commands, CI entry point, generated docs, hubconf, demo, packaging."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _setup_commands():
+    text = (REPO / 'README.md').read_text()
+    block = re.search(r'```bash\n(.*?)```', text, re.S)
+    assert block and text.index(block.group(0)) < text.index('## '), 'set-up commands must open the README'
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_opens_with_two_setup_commands_and_ci_runs_the_second():
+    commands = _setup_commands()
+    assert len(commands) == 2
+    assert 'python -m an_zoo.demo' in commands[0]
+    assert 'pytest' in commands[1]
+    ci = [line for line in (REPO / '.ci' / 'run').read_text().splitlines() if line and not line.startswith('#')]
+    assert ci[-1] == commands[1]
+
+
+def test_readme_model_table_is_generated():
+    result = subprocess.run([sys.executable, str(REPO / 'scripts' / 'model_table.py'), '--check'],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    readme = (REPO / 'README.md').read_text()
+    for name in timm.list_models('an_*'):
+        assert f'`{name}`' in readme
+
+
+def test_hubconf_exposes_every_model_and_loads_local(tmp_path):
+    source = timm.create_model('an_resnet18_bn12')
+    path = tmp_path / 'weights.safetensors'
+    save_file(source.state_dict(), str(path))
+    model = torch.hub.load(str(REPO), 'an_resnet18_bn12', source='local', pretrained=True, num_classes=5,
+                           pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.fc.out_features == 5
+    torch.testing.assert_close(model.state_dict()['layer1.0.bn2.mixture_bias'],
+                               source.state_dict()['layer1.0.bn2.mixture_bias'])
+    assert set(timm.list_models('an_*')) <= set(_hub_entries())
+
+
+def _hub_entries():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('an_zoo_hubconf', REPO / 'hubconf.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith('_')]
+
+
+def test_demo_runs_offline(monkeypatch):
+    pytest.importorskip('sklearn')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    result = subprocess.run([sys.executable, '-m', 'an_zoo.demo', '--model', 'an_resnet18_bn1'],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert 'china.jpg (640x427)' in result.stdout and 'flower.jpg' in result.stdout
+    assert 'features_only pyramid' in result.stdout
+
+
+def test_manifest_ships_with_the_package():
+    import an_zoo
+    from an_zoo._manifest import MANIFEST_PATH
+    assert MANIFEST_PATH.parent == Path(an_zoo.__file__).parent
+    assert MANIFEST_PATH.resolve().read_text() == (REPO / 'weights_manifest.json').read_text()
+
+
+def test_wheel_contains_the_manifest(tmp_path):
+    import shutil
+    source = tmp_path / 'src'  # build from a copy: an in-tree build would leave build/ in the checkout
+    shutil.copytree(REPO, source, symlinks=True,
+                    ignore=shutil.ignore_patterns('.git', 'build', '*.egg-info', '__pycache__', '.pytest_cache'))
+    result = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
+                             '-w', str(tmp_path), str(source)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f'cannot build a wheel here: {result.stderr[-300:]}')
+    import zipfile
+    wheel = next(tmp_path.glob('an_zoo-*.whl'))
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read('an_zoo/weights_manifest.json').decode() == (REPO / 'weights_manifest.json').read_text()
+
+
+def test_bad_manifest_is_refused_clearly(tmp_path):
+    import json
+    from an_zoo._manifest import ManifestError, load_manifest
+    raw = json.loads((REPO / 'weights_manifest.json').read_text())
+    del raw['weights'][0]['license']
+    path = tmp_path / 'manifest.json'
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"an_resnet50.aog_e120_in1k.*missing required field\(s\) \['license'\]"):
+        load_manifest(path)
+    raw = json.loads((REPO / 'weights_manifest.json').read_text())
+    raw['weights'][0]['license'] = 'nonexistent'
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match='not defined under "licenses"'):
+        load_manifest(path)
