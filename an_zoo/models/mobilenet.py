@@ -64,42 +64,32 @@ def _use_attentive_depthwise_norms(blocks: nn.Sequential, stage_mixtures: Sequen
             setattr(block, name, new)
 
 
-class _ANMixin:
+class _AttentiveDepthwiseMixin:
+    """Builds the timm network as usual, then puts AN after its depthwise convs (one K per stage)."""
+
+    def __init__(self, stage_mixtures: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _use_attentive_depthwise_norms(self.blocks, stage_mixtures)
+
     def no_weight_decay(self) -> Set[str]:
         """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see README)."""
         return attentive_norm_no_weight_decay(self)
 
 
-class ANMobileNetV2(_ANMixin, EfficientNet):
+class ANMobileNetV2(_AttentiveDepthwiseMixin, EfficientNet):
     """timm ``EfficientNet`` (MobileNetV2 block definitions) with AN after each depthwise conv."""
 
-    def __init__(self, stage_mixtures: Sequence[int] = MOBILENETV2_STAGE_MIXTURES, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        _use_attentive_depthwise_norms(self.blocks, stage_mixtures)
 
-
-class ANMobileNetV2Features(_ANMixin, EfficientNetFeatures):
+class ANMobileNetV2Features(_AttentiveDepthwiseMixin, EfficientNetFeatures):
     """Features-only counterpart of :class:`ANMobileNetV2` (``features_only=True``)."""
 
-    def __init__(self, stage_mixtures: Sequence[int] = MOBILENETV2_STAGE_MIXTURES, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        _use_attentive_depthwise_norms(self.blocks, stage_mixtures)
 
-
-class ANMobileNetV3(_ANMixin, MobileNetV3):
+class ANMobileNetV3(_AttentiveDepthwiseMixin, MobileNetV3):
     """timm ``MobileNetV3`` with AN after each depthwise conv in place of the SE gates."""
 
-    def __init__(self, stage_mixtures: Sequence[int] = MOBILENETV3_LARGE_STAGE_MIXTURES, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        _use_attentive_depthwise_norms(self.blocks, stage_mixtures)
 
-
-class ANMobileNetV3Features(_ANMixin, MobileNetV3Features):
+class ANMobileNetV3Features(_AttentiveDepthwiseMixin, MobileNetV3Features):
     """Features-only counterpart of :class:`ANMobileNetV3` (``features_only=True``)."""
-
-    def __init__(self, stage_mixtures: Sequence[int] = MOBILENETV3_LARGE_STAGE_MIXTURES, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        _use_attentive_depthwise_norms(self.blocks, stage_mixtures)
 
 
 # official MobileNetV2 block internals -> timm block attribute names
@@ -183,6 +173,7 @@ def _gen_an_mobilenet_v2(variant: str, width: float = 1.0, pretrained: bool = Fa
     ]
     round_chs_fn = partial(_reference_round, multiplier=width)
     kwargs.setdefault('drop_rate', 0.2)  # the reference classifier: Dropout(0.2) + Linear
+    kwargs.setdefault('stage_mixtures', MOBILENETV2_STAGE_MIXTURES)
     model_kwargs = dict(
         block_args=decode_arch_def(arch_def),
         num_features=max(1280, round_chs_fn(1280)),
