@@ -1,24 +1,37 @@
-"""Typed loader for ``weights_manifest.json``, the single source of truth for every an_zoo weight.
+"""Typed, validating loader for ``weights_manifest.json``, the single source of truth for every an_zoo weight.
 
 Model files never spell out weight facts by hand: their ``default_cfgs`` come from :func:`pretrained_cfgs`, which
-merges each architecture's structural fields (``first_conv``, ``classifier``, ``pool_size``) with the manifest.
+merges each architecture's structural fields (``first_conv``, ``classifier``, ``pool_size``) with the manifest; the
+README weights table, hubconf and the Hub model cards are generated from it too. ``AN_ZOO_MANIFEST`` points the
+package at another manifest file (used by maintainers' scripts and by the tests).
 """
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-__all__ = ['ManifestError', 'WeightEntry', 'load_manifest', 'pretrained_cfgs', 'MANIFEST_PATH', 'CODE_LICENSE']
+__all__ = ['ManifestError', 'WeightEntry', 'load_manifest', 'pretrained_cfgs', 'weight_entry', 'manifest_path',
+           'update_entry', 'CODE_LICENSE']
 
-MANIFEST_PATH = Path(__file__).with_name('weights_manifest.json')
+PACKAGED_MANIFEST = Path(__file__).with_name('weights_manifest.json')
 CODE_LICENSE = 'apache-2.0'  # license of the an_zoo code; architecture-only cfgs carry it
-_ENTRY_REQUIRED = ('model', 'tag', 'published', 'license', 'provenance', 'reported', 'measured')
-_DEFAULT_REQUIRED = ('hub_org', 'paper_ids', 'input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'num_classes')
+_TOP_REQUIRED = ('format_version', 'defaults', 'licenses', 'weights')
+_DEFAULT_REQUIRED = ('paper_ids', 'input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'num_classes')
+_ENTRY_REQUIRED = ('model', 'tag', 'published', 'hf_hub_id', 'revision', 'filename', 'sha256', 'size', 'num_params',
+                   'license', 'provenance', 'reported', 'measured')
+_PUBLISHED_REQUIRED = ('revision', 'sha256', 'size', 'num_params')
+_LICENSE_REQUIRED = ('id', 'name', 'terms', 'link', 'source')
+_PROVENANCE_REQUIRED = ('origin_url', 'paper_id', 'layout', 'recipe')
+_DATA_FIELDS = ('input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'num_classes')
+_SHA256 = re.compile(r'^[0-9a-f]{64}$')
+_COMMIT = re.compile(r'^[0-9a-f]{40}$')
 
 
 class ManifestError(ValueError):
-    """The weights manifest is malformed; the message names the entry and the field."""
+    """The weights manifest is malformed; the message names the file, the entry and the field."""
 
 
 @dataclass(frozen=True)
@@ -26,72 +39,106 @@ class WeightEntry:
     model: str
     tag: str
     published: bool
+    hf_hub_id: str
+    revision: Optional[str]
+    filename: str
+    sha256: Optional[str]
+    size: Optional[int]
+    num_params: Optional[int]
     license: Dict[str, str]
     provenance: Dict[str, Any]
     reported: Dict[str, Any]
     measured: Dict[str, Any]
     data: Dict[str, Any] = field(default_factory=dict)  # input_size, crop_pct, ... after defaults are applied
-    hf_hub_id: Optional[str] = None
 
     @property
     def name(self) -> str:
         return f'{self.model}.{self.tag}'
 
 
-def _require(mapping: Mapping[str, Any], keys: Iterable[str], where: str, path: Path) -> None:
+def manifest_path() -> Path:
+    return Path(os.environ.get('AN_ZOO_MANIFEST') or PACKAGED_MANIFEST)
+
+
+def _require(mapping: Any, keys: Iterable[str], where: str, path: Path) -> None:
+    if not isinstance(mapping, Mapping):
+        raise ManifestError(f'{path}: {where} must be an object, got {type(mapping).__name__}')
     missing = [k for k in keys if k not in mapping]
     if missing:
         raise ManifestError(f'{path}: {where} is missing required field(s) {missing}')
 
 
-def _parse(raw: Dict[str, Any], path: Path) -> Tuple[WeightEntry, ...]:
-    _require(raw, ('format_version', 'defaults', 'licenses', 'weights'), 'the top level', path)
+def _check_entry(item: Mapping[str, Any], where: str, path: Path, licenses: Mapping[str, Any]) -> None:
+    _require(item, _ENTRY_REQUIRED, where, path)
+    if item['license'] not in licenses:
+        raise ManifestError(f'{path}: {where} names license {item["license"]!r}, not defined under "licenses"')
+    _require(item['provenance'], _PROVENANCE_REQUIRED, f'{where}.provenance', path)
+    if item['sha256'] is not None and not _SHA256.match(str(item['sha256'])):
+        raise ManifestError(f'{path}: {where}.sha256 must be 64 lowercase hex digits, got {item["sha256"]!r}')
+    if item['revision'] is not None and not _COMMIT.match(str(item['revision'])):
+        raise ManifestError(f'{path}: {where}.revision must be a full 40-hex commit id, got {item["revision"]!r}')
+    for key in ('size', 'num_params'):
+        if item[key] is not None and (not isinstance(item[key], int) or item[key] <= 0):
+            raise ManifestError(f'{path}: {where}.{key} must be a positive integer, got {item[key]!r}')
+    if item['published']:
+        empty = [k for k in _PUBLISHED_REQUIRED if item[k] is None]
+        if empty:
+            raise ManifestError(f'{path}: {where} is marked published but has no {empty} '
+                                f'(run scripts/convert_official.py and scripts/publish.py)')
+
+
+def _parse(raw: Dict[str, Any], path: Path) -> Tuple[Dict[str, Any], Tuple[WeightEntry, ...]]:
+    _require(raw, _TOP_REQUIRED, 'the top level', path)
     if raw['format_version'] != 1:
         raise ManifestError(f'{path}: unsupported format_version {raw["format_version"]!r} (this an_zoo reads 1)')
     defaults = raw['defaults']
     _require(defaults, _DEFAULT_REQUIRED, '"defaults"', path)
+    for key, lic in raw['licenses'].items():
+        _require(lic, _LICENSE_REQUIRED, f'licenses.{key}', path)
     entries: List[WeightEntry] = []
-    seen = set()
     for i, item in enumerate(raw['weights']):
         where = f'weights[{i}] ({item.get("model", "?")}.{item.get("tag", "?")})'
-        _require(item, _ENTRY_REQUIRED, where, path)
-        license_key = item['license']
-        if license_key not in raw['licenses']:
-            raise ManifestError(f'{path}: {where} names license {license_key!r}, not defined under "licenses"')
-        _require(item['provenance'], ('origin_url',), f'{where}.provenance', path)
-        data = {k: item.get(k, defaults.get(k)) for k in
-                ('input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'num_classes')}
+        _check_entry(item, where, path, raw['licenses'])
         entry = WeightEntry(
-            model=item['model'],
-            tag=item['tag'],
-            published=bool(item['published']),
-            license=dict(raw['licenses'][license_key]),
-            provenance=dict(item['provenance']),
-            reported=dict(item['reported']),
-            measured=dict(item['measured']),
-            data=data,
-            hf_hub_id=item.get('hf_hub_id') or f'{defaults["hub_org"]}/{item["model"]}.{item["tag"]}',
+            model=item['model'], tag=item['tag'], published=bool(item['published']), hf_hub_id=item['hf_hub_id'],
+            revision=item['revision'], filename=item['filename'], sha256=item['sha256'], size=item['size'],
+            num_params=item['num_params'], license=dict(raw['licenses'][item['license']]),
+            provenance=dict(item['provenance']), reported=dict(item['reported']), measured=dict(item['measured']),
+            data={k: item.get(k, defaults[k]) for k in _DATA_FIELDS},
         )
-        if entry.name in seen:
+        if entry.name in {e.name for e in entries}:
             raise ManifestError(f'{path}: {where} is listed twice')
-        seen.add(entry.name)
         entries.append(entry)
-    return tuple(entries)
+    return defaults, tuple(entries)
 
 
 @lru_cache(maxsize=None)
-def _load_cached(path: str) -> Tuple[Dict[str, Any], Tuple[WeightEntry, ...]]:
+def _load_cached(path: str, mtime_ns: int) -> Tuple[Dict[str, Any], Tuple[WeightEntry, ...]]:
     file = Path(path)
     try:
         raw = json.loads(file.read_text(encoding='utf-8'))
     except (OSError, json.JSONDecodeError) as err:
         raise ManifestError(f'cannot read the weights manifest {file}: {err}') from err
-    return raw['defaults'], _parse(raw, file)
+    return _parse(raw, file)
+
+
+def _load(path: Optional[Path]) -> Tuple[Dict[str, Any], Tuple[WeightEntry, ...]]:
+    file = Path(path or manifest_path())
+    try:
+        mtime = file.stat().st_mtime_ns
+    except OSError as err:
+        raise ManifestError(f'cannot read the weights manifest {file}: {err}') from err
+    return _load_cached(str(file), mtime)
 
 
 def load_manifest(path: Optional[Path] = None) -> Tuple[WeightEntry, ...]:
     """All weight entries of the manifest, validated."""
-    return _load_cached(str(path or MANIFEST_PATH))[1]
+    return _load(path)[1]
+
+
+def weight_entry(name: str, path: Optional[Path] = None) -> Optional[WeightEntry]:
+    """The manifest entry for ``'arch.tag'``, or None."""
+    return next((e for e in load_manifest(path) if e.name == name), None)
 
 
 def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[Path] = None) -> Dict[str, Dict]:
@@ -100,10 +147,11 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
     Args:
         architectures: Architecture name -> structural cfg fields (``first_conv``, ``classifier``, ``pool_size``...).
 
-    Every architecture gets one cfg per manifest weight; an architecture without weights gets a single untagged,
-    weightless cfg so that ``timm.create_model`` still knows its preprocessing and head.
+    Every architecture gets one cfg per manifest weight (published ones carry ``hf_hub_id``, so timm counts them as
+    pretrained); an architecture without weights gets one untagged, weightless cfg so that ``timm.create_model``
+    still knows its preprocessing and head.
     """
-    defaults, entries = _load_cached(str(path or MANIFEST_PATH))
+    defaults, entries = _load(path)
     common = dict(
         input_size=tuple(defaults['input_size']), crop_pct=defaults['crop_pct'],
         interpolation=defaults['interpolation'], mean=tuple(defaults['mean']), std=tuple(defaults['std']),
@@ -112,7 +160,8 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
     cfgs: Dict[str, Dict[str, Any]] = {}
     for arch, structural in architectures.items():
         arch_entries = [e for e in entries if e.model == arch]
-        for entry in arch_entries:
+        # published weights first: timm makes the first tag with weights the architecture's default
+        for entry in sorted(arch_entries, key=lambda e: not e.published):
             cfg = dict(common, **structural)
             cfg.update(
                 input_size=tuple(entry.data['input_size']), crop_pct=entry.data['crop_pct'],
@@ -125,7 +174,7 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
                        f'({entry.license["link"]})',),
             )
             if entry.published:
-                cfg['hf_hub_id'] = entry.hf_hub_id
+                cfg.update(hf_hub_id=entry.hf_hub_id, hf_hub_filename=entry.filename)
             cfgs[entry.name] = cfg
         if not arch_entries:
             cfgs[arch] = dict(common, **structural, license=CODE_LICENSE,
@@ -134,9 +183,22 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
     return cfgs
 
 
-def weight_entry(name: str, path: Optional[Path] = None) -> Optional[WeightEntry]:
-    """The manifest entry for ``'arch.tag'``, or None."""
-    for entry in load_manifest(path):
-        if entry.name == name:
-            return entry
-    return None
+def update_entry(name: str, path: Optional[Path] = None, **fields: Any) -> WeightEntry:
+    """Set top-level fields of the entry ``'arch.tag'`` (``provenance`` / ``measured`` are merged) and rewrite the
+    manifest; the result is validated before anything is written."""
+    file = Path(path or manifest_path())
+    raw = json.loads(file.read_text(encoding='utf-8'))
+    names = [f'{w["model"]}.{w["tag"]}' for w in raw['weights']]
+    items = [w for w, n in zip(raw['weights'], names) if n == name]
+    if not items:
+        raise ManifestError(f'{file}: no entry {name!r}; known: {names}')
+    for key, value in fields.items():
+        if key in ('provenance', 'measured') and isinstance(value, Mapping):
+            items[0][key] = {**items[0][key], **value}
+        else:
+            items[0][key] = value
+    _parse(raw, file)  # refuse to write an invalid manifest
+    tmp = file.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(raw, indent=2) + '\n', encoding='utf-8')
+    os.replace(tmp, file)
+    return weight_entry(name, file)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Generate the README's model table from code (registry, parameter counts, FLOPs) and the weights manifest.
+"""Generate the README's model table (registry, parameter counts, FLOPs) and weights table (weights manifest).
 
-    python scripts/model_table.py            # print the table
-    python scripts/model_table.py --write    # rewrite the block between the markers in README.md
+    python scripts/model_table.py            # print the tables
+    python scripts/model_table.py --write    # rewrite the blocks between the markers in README.md
     python scripts/model_table.py --check    # exit 1 if README.md is out of date (run by the tests)
 """
 import argparse
@@ -17,7 +17,6 @@ import an_zoo
 from an_zoo._manifest import load_manifest
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
-START, END = '<!-- model-table:start -->', '<!-- model-table:end -->'
 
 
 def _an_summary(model: torch.nn.Module) -> str:
@@ -48,25 +47,46 @@ def model_table() -> str:
     return '\n'.join(rows) + '\n\n' + note
 
 
+def weights_table() -> str:
+    rows = ['| weight | status | Hub repo @ revision | file, size, sha256 | params | license | top-1 reported | '
+            'top-1 measured |', '|---|---|---|---|---:|---|---:|---|']
+    for e in load_manifest():
+        status = 'published' if e.published else 'not yet published'
+        where = f'`{e.hf_hub_id}`' + (f' @ `{e.revision[:12]}`' if e.revision else '')
+        file = f'`{e.filename}`' + (f', {e.size:,} B, `{e.sha256[:16]}…`' if e.sha256 else '')
+        params = f'{e.num_params:,}' if e.num_params else '—'
+        lic = f'[{e.license["name"]}]({e.license["link"]}) ({e.license["terms"]})'
+        measured = (f'{e.measured["top1"]} ({e.measured.get("date", "")}, {e.measured.get("hardware", "")})'
+                    if e.measured.get('top1') is not None else '—')
+        rows.append(f'| `{e.name}` | {status} | {where} | {file} | {params} | {lic} | {e.reported.get("top1")} | '
+                    f'{measured} |')
+    return '\n'.join(rows) + '\n\nGenerated from `weights_manifest.json` by `python scripts/model_table.py --write`.'
+
+
+def _replace_block(text: str, marker: str, content: str) -> str:
+    start, end = f'<!-- {marker}:start -->', f'<!-- {marker}:end -->'
+    head, found, rest = text.partition(start)
+    if not found or end not in rest:
+        raise SystemExit(f'{README} has no {start} ... {end} block')
+    return f'{head}{start}\n{content}\n{end}{rest.partition(end)[2]}'
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--write', action='store_true', help='rewrite the table in README.md')
     parser.add_argument('--check', action='store_true', help='fail if README.md differs from the generated table')
     args = parser.parse_args()
-    table = model_table()
+    tables = {'model-table': model_table(), 'weights-table': weights_table()}
     if not (args.write or args.check):
-        print(table)
+        print('\n\n'.join(tables.values()))
         return 0
     text = README.read_text()
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    if not rest:
-        print(f'{README} has no {START} ... {END} block', file=sys.stderr)
-        return 1
-    updated = f'{head}{START}\n{table}\n{END}{tail}'
+    updated = text
+    for marker, content in tables.items():
+        updated = _replace_block(updated, marker, content)
     if args.check:
         if updated != text:
-            print('README.md model table is out of date: run python scripts/model_table.py --write', file=sys.stderr)
+            print('README.md tables are out of date: run python scripts/model_table.py --write', file=sys.stderr)
             return 1
         return 0
     README.write_text(updated)

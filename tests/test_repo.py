@@ -69,7 +69,7 @@ def test_demo_runs_offline(monkeypatch):
 
 def test_manifest_ships_with_the_package():
     import an_zoo
-    from an_zoo._manifest import MANIFEST_PATH
+    from an_zoo._manifest import PACKAGED_MANIFEST as MANIFEST_PATH
     assert MANIFEST_PATH.parent == Path(an_zoo.__file__).parent
     assert MANIFEST_PATH.resolve().read_text() == (REPO / 'weights_manifest.json').read_text()
 
