@@ -23,6 +23,7 @@ Behaviour where the official code is undefined (documented and tested):
       an input with one value per channel — a ``ValueError`` is raised.
     * mixed precision: the per-sample statistics are computed in float32; the output has the input's dtype.
 """
+import os
 from typing import Any, Dict, Optional, Type
 
 import torch
@@ -30,7 +31,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import create_act_layer, register_notrace_module
 
-__all__ = ['AttentiveBatchNorm2d', 'AttentiveBatchNormAct2d', 'MixtureAttention', 'instance_attention_stats']
+__all__ = ['AttentiveBatchNorm2d', 'AttentiveBatchNormAct2d', 'MixtureAttention', 'instance_attention_stats',
+           'default_impl', 'IMPLEMENTATIONS']
+
+# 'fast': an_zoo.layers.fast_attentive_norm (default); 'reference': the spec, step by step (this file)
+IMPLEMENTATIONS = ('fast', 'reference')
+
+
+def default_impl() -> str:
+    """The implementation new layers use: ``AN_ZOO_IMPL`` (``fast`` or ``reference``), default ``fast``."""
+    impl = os.environ.get('AN_ZOO_IMPL', 'fast').strip().lower() or 'fast'
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f'AN_ZOO_IMPL must be one of {IMPLEMENTATIONS}, got {impl!r}')
+    return impl
 
 # Epsilon of the attention statistic (mean * rsqrt(var + eps)); fixed by the reference, distinct from the BN eps.
 ATTENTION_EPS = 1e-3
@@ -73,9 +86,12 @@ class MixtureAttention(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = instance_attention_stats(x, self.eps)
+        return self.gate(instance_attention_stats(x, self.eps).flatten(1))
+
+    def gate(self, s: torch.Tensor) -> torch.Tensor:
+        """Mixture weights (N, K) from the attention input ``s`` (N, C)."""
         # float32 statistics are handed to the conv in its own dtype (autocast, if active, recasts as usual)
-        z = self.bn(self.conv(s.to(self.conv.weight.dtype)))
+        z = self.bn(self.conv(s[:, :, None, None].to(self.conv.weight.dtype)))
         return F.hardsigmoid(z).flatten(1)
 
 
@@ -100,6 +116,7 @@ class AttentiveBatchNorm2d(nn.Module):
             eps: float = 1e-5,
             momentum: Optional[float] = 0.1,
             attn_eps: float = ATTENTION_EPS,
+            impl: Optional[str] = None,
             device=None,
             dtype=None,
     ) -> None:
@@ -110,9 +127,15 @@ class AttentiveBatchNorm2d(nn.Module):
             eps: BatchNorm epsilon of the standardization.
             momentum: BatchNorm momentum of the running statistics (None: cumulative average).
             attn_eps: Epsilon of the attention statistic ``mean * rsqrt(var + attn_eps)``.
+            impl: ``'fast'`` (one pass for all statistics, fused apply, BN-sized saved activations) or
+                ``'reference'`` (the specification step by step); default from ``AN_ZOO_IMPL``, else ``'fast'``.
+                Both give the same results; TorchScript always runs the reference code.
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        self.impl = impl or default_impl()
+        if self.impl not in IMPLEMENTATIONS:
+            raise ValueError(f'impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}')
         self.num_features = num_features
         self.num_mixtures = num_mixtures
         self.norm = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False, **dd)
@@ -181,6 +204,22 @@ class AttentiveBatchNorm2d(nn.Module):
 
     def _attentive_norm(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if not torch.jit.is_scripting() and self.impl == 'fast' and self._fast_supported():
+            return self._fast(x)
+        return self._reference(x)
+
+    @torch.jit.unused
+    def _fast_supported(self) -> bool:
+        # batch statistics need a plain BatchNorm2d (a SyncBatchNorm must all-reduce them: reference path);
+        # running statistics (eval, frozen) can come from any BatchNorm-like module
+        return type(self.norm) is nn.BatchNorm2d or not self.norm.training
+
+    @torch.jit.unused
+    def _fast(self, x: torch.Tensor) -> torch.Tensor:
+        from .fast_attentive_norm import fast_attentive_norm
+        return fast_attentive_norm(self, x)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         x_hat = self.norm(x)
         lam = self.attn(x).to(self.mixture_weight.dtype)
         gamma = lam @ self.mixture_weight  # (N, C)
@@ -207,17 +246,18 @@ class AttentiveBatchNormAct2d(AttentiveBatchNorm2d):
             act_kwargs: Optional[Dict[str, Any]] = None,
             inplace: bool = True,
             drop_layer: Optional[Type[nn.Module]] = None,
+            impl: Optional[str] = None,
             device=None,
             dtype=None,
     ) -> None:
         """
         Args:
-            num_features, num_mixtures, eps, momentum, attn_eps: As :class:`AttentiveBatchNorm2d`.
+            num_features, num_mixtures, eps, momentum, attn_eps, impl: As :class:`AttentiveBatchNorm2d`.
             apply_act: Apply ``act_layer`` after the normalization.
             act_layer, act_kwargs, inplace: The activation (timm ``create_act_layer`` arguments).
             drop_layer: Optional dropout layer class applied before the activation.
         """
-        super().__init__(num_features, num_mixtures, eps=eps, momentum=momentum, attn_eps=attn_eps,
+        super().__init__(num_features, num_mixtures, eps=eps, momentum=momentum, attn_eps=attn_eps, impl=impl,
                          device=device, dtype=dtype)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         act_kwargs = act_kwargs or {}

@@ -1,0 +1,110 @@
+"""Fast Attentive Normalization: one read of x for all statistics, one fused write, BN-sized saved activations.
+
+The reference layer runs BatchNorm (a pass over x, and it saves x), computes the attention statistic (another pass)
+and then ``xhat * gamma + beta`` (two more passes, and autograd saves ``xhat``, a second full-size tensor). Here:
+
+* :class:`InstanceMoments` reads x once for the per-(sample, channel) mean and biased variance (float32, also under
+  autocast). The batch statistics follow exactly from them (law of total variance), and so does the attention input.
+* The rest is (N, C) / (N, K) arithmetic: running-stat update, attention (the layer's own conv / BatchNorm_K /
+  hard-sigmoid), ``gamma = lam @ W``, ``beta = lam @ B``, folded with the statistics into one scale ``a`` and shift
+  ``b`` per (sample, channel). In eval mode this is the folded form ``out = x * a + b``.
+* :class:`ChannelAffine` writes ``x * a + b`` in one pass; its backward reads the gradient and x once.
+
+Both autograd functions save only x (the same storage) and (N, C) tensors: no more than BatchNorm saves. Their
+backward formulas are analytic and checked with ``torch.autograd.gradcheck`` in float64 (tests/test_fast_norm.py).
+On CUDA these are plain PyTorch ops (compiled ones under torch.compile); no hand-written kernel is used, because
+none could be measured against torch.compile on a GPU in this project yet.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ['InstanceMoments', 'ChannelAffine', 'fast_attentive_norm']
+
+
+def _stat_input(x: torch.Tensor) -> torch.Tensor:
+    # statistics in float32 even when x is float16 / bfloat16 (autocast); float64 stays float64 (gradcheck)
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class InstanceMoments(torch.autograd.Function):
+    """``(mean, biased var)`` of x over H*W per (sample, channel): (N, C) each, float32 (or float64)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        var, mean = torch.var_mean(_stat_input(x), dim=(2, 3), correction=0)
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: Optional[torch.Tensor], grad_var: Optional[torch.Tensor]):
+        x, mean = ctx.saved_tensors
+        spatial = x.shape[2] * x.shape[3]
+        # d mean / dx = 1 / M;  d var / dx = 2 (x - mean) / M  ->  grad = x * scale + shift, per (n, c)
+        scale = torch.zeros_like(mean) if grad_var is None else grad_var * (2.0 / spatial)
+        shift = -mean * scale
+        if grad_mean is not None:
+            shift = shift + grad_mean / spatial
+        grad = torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
+        return grad
+
+
+class ChannelAffine(torch.autograd.Function):
+    """``x * a + b`` with a per-(sample, channel) scale ``a`` and shift ``b`` of shape (N, C)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, scale)
+        return torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, scale = ctx.saved_tensors
+        grad_x = grad_scale = grad_shift = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * scale[:, :, None, None].to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad * x).sum(dim=(2, 3), dtype=scale.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_shift = grad.sum(dim=(2, 3), dtype=scale.dtype)
+        return grad_x, grad_scale, grad_shift
+
+
+def _batch_statistics(norm: nn.Module, mean_nc: torch.Tensor, var_nc: torch.Tensor, count: int):
+    """Batch mean / biased var per channel from per-instance moments, updating ``norm``'s running statistics
+    exactly as ``nn.BatchNorm2d`` does (unbiased variance, momentum or cumulative average)."""
+    mean = mean_nc.mean(0)
+    var = var_nc.mean(0) + (mean_nc - mean).pow(2).mean(0)  # law of total variance
+    if norm.track_running_stats:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            unbiased = var * (count / max(count - 1, 1))
+            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+            norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+    return mean, var
+
+
+def fast_attentive_norm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of an :class:`~an_zoo.layers.AttentiveBatchNorm2d` ``layer``, computed the fast way.
+
+    Requires ``layer.norm`` to be a plain ``nn.BatchNorm2d`` in training mode, or any BatchNorm-like module with
+    running statistics in eval mode (frozen, SyncBatchNorm in eval); the layer checks that before calling.
+    """
+    n, _, h, w = x.shape
+    spatial = h * w
+    mean_nc, var_nc = InstanceMoments.apply(x)
+    norm = layer.norm
+    if norm.training:
+        mean, var = _batch_statistics(norm, mean_nc, var_nc, n * spatial)
+    else:
+        mean, var = norm.running_mean.to(mean_nc.dtype), norm.running_var.to(mean_nc.dtype)
+    rstd = torch.rsqrt(var + norm.eps)
+    # attention input from the same moments: unbiased variance (0 for a single position, see the reference layer)
+    var_unbiased = var_nc * (spatial / (spatial - 1)) if spatial > 1 else torch.zeros_like(var_nc)
+    lam = layer.attn.gate(mean_nc * torch.rsqrt(var_unbiased + layer.attn.eps))
+    lam = lam.to(layer.mixture_weight.dtype)
+    scale = (lam @ layer.mixture_weight) * rstd.to(lam.dtype)
+    shift = lam @ layer.mixture_bias - mean.to(lam.dtype) * scale
+    return ChannelAffine.apply(x, scale, shift)
