@@ -9,6 +9,11 @@ import torch
 import an_zoo  # noqa: F401  (registers the models)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # one intra-op thread per xdist worker: two workers with two OpenMP threads each on a 2-core machine
+    # oversubscribe the cores and run several times slower
+    torch.set_num_threads(1)
 # CI checks out the repo next to ../shared; AN_ZOO_GOLDEN_DIR overrides
 GOLDEN_DIR = Path(os.environ.get('AN_ZOO_GOLDEN_DIR', REPO_ROOT.parent / 'shared' / 'golden'))
 

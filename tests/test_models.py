@@ -36,8 +36,8 @@ STANDARD_CFG_FIELDS = ('num_classes', 'input_size', 'pool_size', 'crop_pct', 'in
                        'first_conv', 'classifier', 'license', 'paper_ids', 'origin_url')
 
 
-def _input(batch=2, chans=3):
-    return torch.randn(batch, chans, IMG, IMG)
+def _input(batch=2, chans=3, size=IMG):
+    return torch.randn(batch, chans, size, size)
 
 
 def test_registered():
@@ -135,11 +135,13 @@ def test_fx_feature_extraction(name):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_torchscript(name):
-    model = timm.create_model(name).eval()
+    # TorchScript runs the reference AN code, eager the fast one: compared in float64, so that the check is about
+    # the graph, not about float32 rounding amplified by a deep random network
+    x = _input(size=32).double()  # float64 convolutions are slow on CPU: a small input
+    model = _calibrated(timm.create_model(name).double(), x)
     scripted = torch.jit.script(model)
-    x = _input()
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x))
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-7, atol=1e-7)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -166,15 +168,15 @@ def _calibrated(model, x):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_channels_last(name):
-    # 128 px: AN's attention statistic (mean * rsqrt(var + 1e-3)) of a 2x2 map is sensitive to the reduction
-    # order of var; the tolerance is the golden one (the reference itself is only defined to ~1e-3)
-    x = torch.randn(2, 3, 128, 128)
-    model = _calibrated(timm.create_model(name), x)
+    # float64: the check is about memory-format handling, not about float32 summation order (AN's attention
+    # statistic mean * rsqrt(var + 1e-3) of a tiny map amplifies it through a deep random network)
+    x = _input(size=32).double()  # float64 convolutions are slow on CPU: a small input
+    model = _calibrated(timm.create_model(name).double(), x)
     with torch.no_grad():
         expected = model(x)
         model = model.to(memory_format=torch.channels_last)
         out = model(x.to(memory_format=torch.channels_last))
-    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3 * max(1.0, expected.pow(2).mean().sqrt().item()))
+    torch.testing.assert_close(out, expected, rtol=1e-7, atol=1e-7)
 
 
 @pytest.mark.parametrize('name', ['an_resnet18_bn12', 'an_resnet50d', 'an_mobilenetv2_100',

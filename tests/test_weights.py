@@ -50,13 +50,25 @@ def _script(args, env, check=True):
     return result
 
 
-LOAD_AND_COMPARE = '''
-    import sys, torch, timm, an_zoo
-    model = timm.create_model(sys.argv[1], pretrained=True).eval()
-    data = torch.load(sys.argv[2])
+# the weights must come back bit-identical, and so must the outputs of the same network computed in this process
+# (the test process may run with another thread count, which changes float summation order)
+CHECK = f'''
+def check(model, data):
+    import timm
+    state = model.state_dict()
+    for key, value in data['state_dict'].items():
+        assert torch.equal(state[key], value), key + ' differs from the published weights'
+    reference = timm.create_model('{ARCH}')
+    reference.load_state_dict(data['state_dict'])
     with torch.no_grad():
-        assert torch.equal(model(data['x']), data['logits']), 'outputs differ from the published weights'
-    print('LOADED', model.pretrained_cfg.get('hf_hub_id'), model.pretrained_cfg.get('source'))
+        assert torch.equal(model.eval()(data['x']), reference.eval()(data['x'])), 'outputs differ'
+'''
+LOAD_AND_COMPARE = '''
+import sys, torch, timm, an_zoo
+''' + CHECK + '''
+model = timm.create_model(sys.argv[1], pretrained=True)
+check(model, torch.load(sys.argv[2]))
+print('LOADED', model.pretrained_cfg.get('hf_hub_id'), model.pretrained_cfg.get('source'))
 '''
 
 
@@ -77,7 +89,7 @@ def published(tmp_path_factory):
                tmp / 'official.pth.tar')
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        torch.save({'x': x, 'logits': source.eval()(x)}, tmp / 'expected.pt')
+        torch.save({'x': x, 'state_dict': source.state_dict()}, tmp / 'expected.pt')
     env = _env(tmp, hub.url, manifest)
     _script(['scripts/convert_official.py', str(tmp / 'official.pth.tar'), '--model', WEIGHT,
              '--out', str(tmp / 'converted')], env)
@@ -154,13 +166,12 @@ def test_tampered_download_is_rejected_before_loading(published, tmp_path):
 
 def test_torch_hub_local_goes_through_the_same_path(published, tmp_path):
     code = '''
-        import sys, torch
-        model = torch.hub.load(sys.argv[3], sys.argv[1], source='local', pretrained=True).eval()
-        data = torch.load(sys.argv[2])
-        with torch.no_grad():
-            assert torch.equal(model(data['x']), data['logits'])
-        print('HUB', model.pretrained_cfg.get('hf_hub_id'))
-    '''
+import sys, torch
+''' + CHECK + '''
+model = torch.hub.load(sys.argv[3], sys.argv[1], source='local', pretrained=True)
+check(model, torch.load(sys.argv[2]))
+print('HUB', model.pretrained_cfg.get('hf_hub_id'))
+'''
     env = _env(tmp_path, published['hub'].url, published['manifest'])
     out = _run(code, env, args=(ARCH, str(published['expected']), str(REPO)))
     assert f'HUB {HUB_REPO}' in out.stdout
@@ -191,12 +202,10 @@ def test_cli_download_verify_bundle(published, tmp_path):
     offline = _env(tmp_path, dead_url, published['manifest'], cache='empty_home', HF_HUB_OFFLINE='1')
     _run(LOAD_AND_COMPARE, offline, args=(f'local-dir:{moved}', str(published['expected'])))
     code = '''
-        import sys, torch
-        model = torch.hub.load(sys.argv[1], 'model', source='local').eval()
-        data = torch.load(sys.argv[2])
-        with torch.no_grad():
-            assert torch.equal(model(data['x']), data['logits'])
-    '''
+import sys, torch
+''' + CHECK + '''
+check(torch.hub.load(sys.argv[1], 'model', source='local'), torch.load(sys.argv[2]))
+'''
     _run(code, offline, args=(str(moved), str(published['expected'])))
     # a corrupted bundle is refused before loading
     weights = moved / 'model.safetensors'

@@ -50,14 +50,17 @@ ATTENTION_EPS = 1e-3
 
 
 def instance_attention_stats(x: torch.Tensor, eps: float = ATTENTION_EPS) -> torch.Tensor:
-    """Per-(sample, channel) attention input ``mean_hw(x) * rsqrt(var_hw(x) + eps)``, shape (N, C, 1, 1), float32.
+    """Per-(sample, channel) attention input ``mean_hw(x) * rsqrt(var_hw(x) + eps)``, shape (N, C, 1, 1), float32
+    (float64 for float64 input).
 
     ``var_hw`` is the unbiased variance over H*W (as the reference). A single spatial position has no unbiased
     variance; its variance is taken as 0 instead of the reference's NaN.
     """
     spatial = x.shape[2] * x.shape[3]
     correction = 1 if spatial > 1 else 0
-    var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=correction, keepdim=True)
+    # float32 for float16 / bfloat16 inputs (autocast); float64 stays float64
+    stats_input = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    var, mean = torch.var_mean(stats_input, dim=(2, 3), correction=correction, keepdim=True)
     return mean * torch.rsqrt(var + eps)
 
 
