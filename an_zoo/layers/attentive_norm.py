@@ -10,8 +10,9 @@ affine transforms whose weights are computed per instance by a small squeeze-and
     lam   = hardsigmoid(BatchNorm_K(conv1x1_{C->K}(s)))    (N, K), each entry in [0, 1]
     out   = (lam @ W) * xhat + (lam @ B)                   W, B: (K, C)
 
-This module is the readable reference, written from the specification; it is what any faster kernel is tested
-against. The layer is built by composition rather than by subclassing ``nn.BatchNorm2d``: the standardization and
+This module holds the readable reference, written from the specification, which the fast implementation
+(:mod:`an_zoo.layers.fast_attentive_norm`, the default, same results) is tested against; ``impl='reference'`` or
+``AN_ZOO_IMPL=reference`` selects it. The layer is built by composition rather than by subclassing ``nn.BatchNorm2d``: the standardization and
 the attention's ``BatchNorm_K`` are ordinary ``nn.BatchNorm2d`` children, so stock tools that key on BatchNorm
 (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, timm's ``freeze_batch_norm_2d``) reach exactly the parts they
 should and can never silently strip the attention or the mixture.
@@ -30,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import create_act_layer, register_notrace_module
+
+from .fast_attentive_norm import fast_attentive_norm
 
 __all__ = ['AttentiveBatchNorm2d', 'AttentiveBatchNormAct2d', 'MixtureAttention', 'instance_attention_stats',
            'default_impl', 'IMPLEMENTATIONS']
@@ -219,7 +222,6 @@ class AttentiveBatchNorm2d(nn.Module):
 
     @torch.jit.unused
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
-        from .fast_attentive_norm import fast_attentive_norm
         return fast_attentive_norm(self, x)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
