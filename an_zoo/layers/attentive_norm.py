@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import create_act_layer, register_notrace_module
 
-from .fast_attentive_norm import fast_attentive_norm
+from .fast_attentive_norm import fast_attentive_norm, stats_input
 
 __all__ = ['AttentiveBatchNorm2d', 'AttentiveBatchNormAct2d', 'MixtureAttention', 'instance_attention_stats',
            'default_impl', 'IMPLEMENTATIONS']
@@ -61,9 +61,7 @@ def instance_attention_stats(x: torch.Tensor, eps: float = ATTENTION_EPS) -> tor
     """
     spatial = x.shape[2] * x.shape[3]
     correction = 1 if spatial > 1 else 0
-    # float32 for float16 / bfloat16 inputs (autocast); float64 stays float64
-    stats_input = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    var, mean = torch.var_mean(stats_input, dim=(2, 3), correction=correction, keepdim=True)
+    var, mean = torch.var_mean(stats_input(x), dim=(2, 3), correction=correction, keepdim=True)
     return mean * torch.rsqrt(var + eps)
 
 

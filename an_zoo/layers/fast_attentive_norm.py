@@ -28,8 +28,9 @@ _SINGLE_PASS_BYTES = 16 << 20  # up to this size one scratch tensor; above, chun
 _SCRATCH_BYTES = 4 << 20
 
 
-def _stat_input(x: torch.Tensor) -> torch.Tensor:
-    # statistics in float32 even when x is float16 / bfloat16 (autocast); float64 stays float64 (gradcheck)
+def stats_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype AN statistics are computed in: float32 for float16 / bfloat16 (autocast), else unchanged
+    (float64 stays float64, e.g. for gradcheck). Shared by the reference and the fast implementation."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -49,7 +50,7 @@ def instance_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         chunk = max(1, _SCRATCH_BYTES // per_sample)
     shifts, sums, squares = [], [], []
     for part in x.split(chunk):
-        xs = _stat_input(part)
+        xs = stats_input(part)
         shift = xs[:, :, :1, :1]
         d = xs - shift
         sums.append(d.sum(dim=(2, 3)))
@@ -103,6 +104,13 @@ class ChannelAffine(torch.autograd.Function):
         return grad_x, grad_scale, grad_shift
 
 
+def _running_stats_factor(bn: nn.Module) -> float:
+    """Count one more training batch and return the running-statistics update factor, as ``nn.BatchNorm2d`` does
+    (``momentum``, or the cumulative average ``1 / num_batches_tracked`` when momentum is None)."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
 def _batch_statistics(norm: nn.Module, mean_nc: torch.Tensor, var_nc: torch.Tensor, count: int):
     """Batch mean / biased var per channel from per-instance moments, updating ``norm``'s running statistics
     exactly as ``nn.BatchNorm2d`` does (unbiased variance, momentum or cumulative average)."""
@@ -110,8 +118,7 @@ def _batch_statistics(norm: nn.Module, mean_nc: torch.Tensor, var_nc: torch.Tens
     var = var_nc.mean(0) + (mean_nc - mean).pow(2).mean(0)  # law of total variance
     if norm.track_running_stats:
         with torch.no_grad():
-            norm.num_batches_tracked.add_(1)
-            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            factor = _running_stats_factor(norm)
             unbiased = var * (count / max(count - 1, 1))
             norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
             norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
@@ -126,14 +133,9 @@ def _mixture_weights(attn: nn.Module, s: torch.Tensor) -> torch.Tensor:
         return attn.gate(s)
     weight = attn.conv.weight
     z = F.linear(s.to(weight.dtype), weight.flatten(1))
-    momentum = bn.momentum
-    if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
+    factor = _running_stats_factor(bn) if bn.training and bn.track_running_stats else 0.0
     use_batch_stats = bn.training or not bn.track_running_stats
-    z = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats,
-                     0.0 if momentum is None else momentum, bn.eps)
+    z = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
     return F.hardsigmoid(z)
 
 

@@ -32,7 +32,7 @@ from timm.models.mobilenetv3 import MobileNetV3, MobileNetV3Features
 from .._manifest import pretrained_cfgs
 from ..layers import AttentiveBatchNormAct2d, attentive_norm_no_weight_decay
 from ._builder import build_an_model
-from ._checkpoint import OFFICIAL_PREFIXES, remap_state_dict
+from ._checkpoint import remap_state_dict
 
 __all__ = ['ANMobileNetV2', 'ANMobileNetV2Features', 'ANMobileNetV3', 'ANMobileNetV3Features']
 
@@ -136,7 +136,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
     features_only = isinstance(model, EfficientNetFeatures)
     return remap_state_dict(
-        state_dict, model, prefixes=OFFICIAL_PREFIXES, rename_fn=rename,
+        state_dict, model, rename_fn=rename,
         ignore=('conv_head.', 'bn2.', 'classifier.') if features_only else ())
 
 
