@@ -5,7 +5,7 @@
 __version__ = '0.1.0'
 
 from .layers import (
-    AttentiveBatchNorm2d, AttentiveBatchNormAct2d, attentive_norm_no_weight_decay, convert_bn_to_an,
-    convert_sync_batchnorm, freeze_batch_norm_2d)
+    AttentiveBatchNorm2d, AttentiveBatchNormAct2d, AttentiveGroupNorm, attentive_norm_no_weight_decay,
+    convert_bn_to_an, convert_sync_batchnorm, freeze_batch_norm_2d)
 from .models import *  # noqa: F401,F403  (registers the models with timm)
 from .models._checkpoint import CheckpointError, load_checkpoint_file

@@ -186,7 +186,9 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
 def update_entry(name: str, path: Optional[Path] = None, **fields: Any) -> WeightEntry:
     """Set top-level fields of the entry ``'arch.tag'`` (``provenance`` / ``measured`` are merged) and rewrite the
     manifest; the result is validated before anything is written."""
-    file = Path(path or manifest_path())
+    # resolved: the packaged manifest is a symlink to the repo's, and os.replace on the link would swap out the
+    # link itself and leave the real file unchanged
+    file = Path(path or manifest_path()).resolve()
     raw = json.loads(file.read_text(encoding='utf-8'))
     names = [f'{w["model"]}.{w["tag"]}' for w in raw['weights']]
     items = [w for w, n in zip(raw['weights'], names) if n == name]

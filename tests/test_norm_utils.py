@@ -3,8 +3,11 @@ import timm
 import torch
 import torch.nn as nn
 
+from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
+
 from an_zoo import (AttentiveBatchNorm2d, attentive_norm_no_weight_decay,
                     convert_sync_batchnorm, freeze_batch_norm_2d)
+from an_zoo.layers import SyncBatchNorm, SyncBatchNormAct
 
 
 def test_sync_batchnorm_conversion_keeps_attention_and_mixture():
@@ -17,15 +20,33 @@ def test_sync_batchnorm_conversion_keeps_attention_and_mixture():
     ans = [m for m in synced.modules() if isinstance(m, AttentiveBatchNorm2d)]
     assert len(ans) == 16
     for an in ans:  # both BatchNorms inside AN are synchronised; attention and mixture are kept
-        assert isinstance(an.norm, nn.SyncBatchNorm) and isinstance(an.attn.bn, nn.SyncBatchNorm)
+        assert isinstance(an.norm, SyncBatchNorm) and isinstance(an.attn.bn, SyncBatchNorm)
         assert isinstance(an.attn.conv, nn.Conv2d) and an.mixture_weight.shape == (an.num_mixtures, an.num_features)
     assert not any(type(m) is nn.BatchNorm2d for m in synced.modules())
     assert set(synced.state_dict()) == keys
     with torch.no_grad():
         torch.testing.assert_close(synced(x), expected)
-    # torch's own converter, applied directly, gives the same structure (nothing to strip by construction)
-    direct = torch.nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model('an_resnet18_bn12'))
-    assert sum(isinstance(m, AttentiveBatchNorm2d) for m in direct.modules()) == 16
+    # torch's and timm's own converters, applied directly, keep every AN layer too: they only reach its BatchNorm
+    # children (attention and mixture are kept by construction; torch's SyncBatchNorm then needs CUDA to run)
+    for convert in (torch.nn.SyncBatchNorm.convert_sync_batchnorm, timm_convert_sync_batchnorm):
+        direct = convert(timm.create_model('an_resnet18_bn12'))
+        ans = [m for m in direct.modules() if isinstance(m, AttentiveBatchNorm2d)]
+        assert len(ans) == 16
+        assert all(isinstance(an.norm, nn.SyncBatchNorm) and isinstance(an.attn.bn, nn.SyncBatchNorm)
+                   and an.mixture_weight.shape == (an.num_mixtures, an.num_features) for an in ans)
+
+
+def test_sync_batchnorm_conversion_keeps_timm_norm_act():
+    model = timm.create_model('an_mobilenetv2_050', drop_rate=0.0).eval()  # no dropout: train outputs comparable
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    synced = convert_sync_batchnorm(model)
+    assert isinstance(synced.bn1, SyncBatchNormAct) and isinstance(synced.bn1.act, nn.ReLU6)
+    assert sum(isinstance(m, SyncBatchNormAct) for m in synced.modules()) > 30
+    with torch.no_grad():  # no process group: an ordinary BatchNorm(+act)
+        torch.testing.assert_close(synced(x), expected)
+        torch.testing.assert_close(synced.train()(x), model.train()(x))
 
 
 def test_freeze_batch_norm_2d():

@@ -22,7 +22,7 @@ def _setup_commands():
 def test_readme_opens_with_two_setup_commands_and_ci_runs_the_second():
     commands = _setup_commands()
     assert len(commands) == 2
-    assert 'python -m an_zoo.demo' in commands[0]
+    assert commands[0] == 'pip install -e ".[train]" && python -m an_zoo.train'
     assert 'pytest' in commands[1]
     ci = [line for line in (REPO / '.ci' / 'run').read_text().splitlines() if line and not line.startswith('#')]
     assert ci[-1] == commands[1]
@@ -55,6 +55,22 @@ def _hub_entries():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith('_')]
+
+
+def test_readme_main_command_trains_offline_and_reaches_the_stated_accuracy(tmp_path):
+    """The README's first command, exactly (minus its install step), on the embedded default, network off."""
+    pytest.importorskip('sklearn')
+    command = _setup_commands()[0].split('&&', 1)[1].split()
+    assert command[:3] == ['python', '-m', 'an_zoo.train']
+    env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    env.pop('PYTEST_XDIST_WORKER', None)
+    result = subprocess.run([sys.executable, *command[1:], '--no-progress'], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith('| an_resnet18_bn12 |'))
+    top1 = float(row.split('|')[2])
+    assert top1 >= 95.0, result.stdout  # README: held-out top-1 of the embedded default
+    assert list((tmp_path / 'output' / 'train').glob('*-an_resnet18_bn12-digits/curves.png'))
 
 
 def test_demo_runs_offline(monkeypatch):

@@ -2,12 +2,13 @@
 import fnmatch
 from typing import Callable, Optional, Sequence, Set, Union
 
-import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d
 from timm.layers import freeze_batch_norm_2d as timm_freeze_batch_norm_2d
 
+from .attentive_group_norm import AttentiveGroupNorm
 from .attentive_norm import AttentiveBatchNorm2d, AttentiveBatchNormAct2d
+from .sync_batchnorm import convert_sync_batchnorm  # noqa: F401  (re-exported: one import for AN tooling)
 
 __all__ = ['freeze_batch_norm_2d', 'convert_sync_batchnorm', 'attentive_norm_no_weight_decay', 'convert_bn_to_an']
 
@@ -29,22 +30,16 @@ def freeze_batch_norm_2d(module: nn.Module) -> nn.Module:
     return frozen
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: Optional[object] = None) -> nn.Module:
-    """torch's ``SyncBatchNorm.convert_sync_batchnorm``, which is AN-aware as is: an AN layer's standardization and
-    attention BatchNorm are ordinary BatchNorm children, so both are synchronised and the attention and mixture
-    are kept. Exposed so that users have one import for it; tested in ``tests/test_norm_utils.py``."""
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-
-
 def attentive_norm_no_weight_decay(model: nn.Module) -> Set[str]:
-    """Names of the AN mixture parameters, exempt from weight decay.
+    """Names of the AN mixture parameters (AN over BatchNorm and over GroupNorm), for timm's ``no_weight_decay``.
 
     timm's optimizer factory exempts 1-d parameters and biases only, so the (K, C) ``mixture_weight`` would be
-    decayed. The reference training script's norm-exempt mode (``--remove-norm-weight-decay``) exempts every
-    parameter owned by a norm module, the mixture included; the attention's 1x1 conv stays decayed.
+    decayed although it plays the role of a norm's affine weight. Exempting it is our fine-tuning default (as for
+    every norm weight in timm); the reference ImageNet runs decayed every parameter, which the recipes reproduce
+    with ``no_norm_weight_decay: false``. The attention's 1x1 conv is decayed like any conv.
     """
-    return {f'{name}.{param}' for name, m in model.named_modules() if isinstance(m, AttentiveBatchNorm2d)
-            for param in ('mixture_weight', 'mixture_bias')}
+    return {f'{name}.{param}' for name, m in model.named_modules()
+            if isinstance(m, (AttentiveBatchNorm2d, AttentiveGroupNorm)) for param in ('mixture_weight', 'mixture_bias')}
 
 
 def convert_bn_to_an(
