@@ -217,8 +217,10 @@ def test_frozen_backbone_semantics(pretrained):
         backbone.train()
         out_single = backbone(x[1:2])
     for key in out_train:
-        torch.testing.assert_close(out_train[key], out_eval[key], rtol=1e-4, atol=1e-5)
-        scale = out_eval[key].abs().max().item()  # batch 1 runs other conv kernels: float32 rounding differs
+        # float32 rounding differs (batch 1 runs other conv kernels; without autograd AN takes its folded eval
+        # form), so the tolerance scales with the outputs; a batch statistic would move them by O(scale)
+        scale = out_eval[key].abs().max().item()
+        torch.testing.assert_close(out_train[key], out_eval[key], rtol=1e-4, atol=1e-4 * scale)
         torch.testing.assert_close(out_single[key], out_eval[key][1:2], rtol=1e-4, atol=1e-4 * scale)
     # an optimizer step over all parameters (momentum, weight decay) changes the attention conv, nothing frozen
     before = {k: v.clone() for k, v in body.state_dict().items()}
