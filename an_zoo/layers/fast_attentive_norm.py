@@ -1,30 +1,40 @@
-"""Fast Attentive Normalization: one read of x for all statistics, one fused write, BN-sized saved activations.
+"""Fast Attentive Normalization: the whole layer as one autograd node, no full-size temporaries, BN-sized saves.
 
 The reference layer runs BatchNorm (a pass over x, and it saves x), computes the attention statistic (another pass)
-and then ``xhat * gamma + beta`` (two more passes, and autograd saves ``xhat``, a second full-size tensor). Here:
+and then ``xhat * gamma + beta`` (two more passes, and autograd saves ``xhat``, a second full-size tensor); in eager
+mode it also records about fifteen autograd nodes per layer, whose bookkeeping dominates on small feature maps. Here:
 
-* :class:`InstanceMoments` reads x once for the per-(sample, channel) mean and biased variance (float32, also under
-  autocast). The batch statistics follow exactly from them (law of total variance), and so does the attention input.
-* The rest is (N, C) / (N, K) arithmetic: running-stat update, attention (the layer's own conv / BatchNorm_K /
-  hard-sigmoid), ``gamma = lam @ W``, ``beta = lam @ B``, folded with the statistics into one scale ``a`` and shift
-  ``b`` per (sample, channel). In eval mode this is the folded form ``out = x * a + b``.
-* :class:`ChannelAffine` writes ``x * a + b`` in one pass; its backward reads the gradient and x once.
+* :func:`instance_moments` gives the per-(sample, channel) mean and biased variance (float32, also under autocast)
+  from one plain sum and one sum of shifted squares. The batch statistics follow exactly from them (law of total
+  variance), and so does the attention input.
+* The rest of the forward is (N, C) / (N, K) arithmetic, folded into one scale ``a`` and shift ``b`` per (sample,
+  channel): ``out = x * a + b``, written in one pass.
+* :class:`AttentiveNormFunction` is that whole forward as a single ``torch.autograd.Function`` with an analytic
+  backward (derived in its docstring): two reductions over the incoming gradient, the input gradient in two
+  elementwise passes, and small matrix algebra for every parameter gradient. It saves x (the same storage BatchNorm
+  saves) and only (N, C) / (N, K) vectors. Without autograd the same forward runs without the Function; in eval
+  mode both BatchNorms fold into the small matrices (:func:`_inference`).
+* The only full-size tensors allocated are the output (forward) and the input gradient (backward), as for
+  BatchNorm: the squares of the statistics pass and the products ``dy * x`` are written into those buffers before
+  their final contents. (On CPU a fresh large allocation comes from the OS page by page; writing into a buffer that
+  is written anyway is measurably cheaper than a separate scratch tensor.)
 
-Both autograd functions save only x (the same storage) and (N, C) tensors: no more than BatchNorm saves. Their
-backward formulas are analytic and checked with ``torch.autograd.gradcheck`` in float64 (tests/test_fast_norm.py).
-On CUDA these are plain PyTorch ops (compiled ones under torch.compile); no hand-written kernel is used, because
-none could be measured against torch.compile on a GPU in this project yet.
+The running statistics are updated outside the Function (it has no side effects, as torch.compile wants), from the
+batch statistics it returns. The backward is checked against the reference layer and with
+``torch.autograd.gradcheck`` in float64 (tests/test_fast_norm.py). No hand-written kernel is used: on CUDA these are
+plain PyTorch ops (compiled ones under torch.compile).
 """
-from typing import Optional, Tuple
+import contextlib
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['InstanceMoments', 'ChannelAffine', 'fast_attentive_norm']
+__all__ = ['AttentiveNormFunction', 'instance_moments', 'fast_attentive_norm', 'stats_input']
 
 
-_SINGLE_PASS_BYTES = 16 << 20  # up to this size one scratch tensor; above, chunks of about _SCRATCH_BYTES
+_SINGLE_PASS_BYTES = 16 << 20  # float32 copies of float16 / bfloat16 input: up to this size at once, else chunks
 _SCRATCH_BYTES = 4 << 20
 
 
@@ -34,74 +44,245 @@ def stats_input(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def instance_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _shifted_sums(x: torch.Tensor, scratch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sum(x)``, ``sum((x - k)^2)`` over H*W and the shift ``k`` = first position, per (sample, channel).
+
+    ``scratch`` (x's shape, dtype and layout) receives the squares: a reduction over H, W of a channels_last tensor is
+    cheap (vectorised along C), but the squares need one full-size write, which mse_loss does in a single kernel.
+    """
+    sums = x.sum(dim=(2, 3))
+    shift = x[:, :, :1, :1]
+    if scratch is x:
+        shift = shift.clone()
+    torch.ops.aten.mse_loss.out(x, shift, 0, out=scratch)  # reduction 0: none; the shift broadcasts over H, W
+    return sums, scratch.sum(dim=(2, 3)), shift.flatten(1)
+
+
+def instance_moments(x: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(mean, biased var)`` over H*W per (sample, channel), float32 (float64 for float64 input), no autograd.
 
-    Shifted sums: with ``k`` = the first position of each (sample, channel), ``mean = k + sum(d) / M`` and
-    ``var = sum(d^2) / M - (sum(d) / M)^2`` for ``d = x - k``, which avoids the cancellation of the plain
-    ``E[x^2] - E[x]^2`` when |mean| >> std. Vectorised sums are several times faster on CPU than torch.var_mean's
-    Welford loop over the H, W dims of (especially channels_last) tensors.
+    ``var = sum((x - k)^2) / M - (mean - k)^2`` with ``k`` the first position of each (sample, channel): the shift
+    avoids the cancellation of the plain ``E[x^2] - E[x]^2`` when |mean| >> std. Plain sums are several times faster
+    on CPU than torch.var_mean's Welford loop over the H, W dims of (especially channels_last) tensors.
+
+    ``scratch``: an optional float32 / float64 tensor like x to write the squares into. The layer passes the buffer its
+    output goes to next, so that no extra full-size tensor is allocated.
     """
     spatial = x.shape[2] * x.shape[3]
-    # chunks of samples keep the scratch tensor small: it stays in cache and in the allocator's reused memory
-    per_sample = x[0].numel() * 4
-    chunk = x.shape[0]
-    if per_sample * chunk > _SINGLE_PASS_BYTES:
-        chunk = max(1, _SCRATCH_BYTES // per_sample)
-    shifts, sums, squares = [], [], []
-    for part in x.split(chunk):
-        xs = stats_input(part)
-        shift = xs[:, :, :1, :1]
-        d = xs - shift
-        sums.append(d.sum(dim=(2, 3)))
-        squares.append(d.square_().sum(dim=(2, 3)))
-        shifts.append(shift.flatten(1))
-    shift, s1, s2 = (torch.cat(t) if len(t) > 1 else t[0] for t in (shifts, sums, squares))
-    mean_d = s1 / spatial
-    return shift + mean_d, (s2 / spatial - mean_d.square()).clamp_(min=0)
+    if x.dtype in (torch.float32, torch.float64):
+        s1, s2, shift = _shifted_sums(x, torch.empty_like(x) if scratch is None else scratch)
+    else:  # float32 statistics of a half-precision input: converted in chunks of samples (a small scratch copy)
+        chunk = x.shape[0]
+        per_sample = x[0].numel() * 4
+        if per_sample * chunk > _SINGLE_PASS_BYTES:
+            chunk = max(1, _SCRATCH_BYTES // per_sample)
+        parts = []
+        for part in x.split(chunk):
+            part = part.float()
+            parts.append(_shifted_sums(part, part))  # the squares overwrite the copy
+        s1, s2, shift = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+    mean = s1 * (1.0 / spatial)
+    offset = mean - shift
+    var = torch.addcmul(s2 * (1.0 / spatial), offset, offset, value=-1).clamp_(min=0)
+    return mean, var
 
 
-class InstanceMoments(torch.autograd.Function):
-    """``(mean, biased var)`` of x over H*W per (sample, channel): (N, C) each, float32 (or float64)."""
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # (a no-op Tensor.to still costs a dispatch; these layers run dozens of tiny ops, so it shows)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _nc11(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _cast(t, dtype).view(*t.shape, 1, 1)
+
+
+def _no_autocast(device_type: str):
+    """The (N, C) / (N, K) algebra runs in float32 even under autocast (autocast would recast its matmuls)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
+        else contextlib.nullcontext()
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+
+
+def _forward(
+        x: torch.Tensor, conv_weight: torch.Tensor, attn_weight: torch.Tensor, attn_bias: torch.Tensor,
+        mixture_weight: torch.Tensor, mixture_bias: torch.Tensor,
+        norm_mean: Optional[torch.Tensor], norm_var: Optional[torch.Tensor],
+        attn_mean: Optional[torch.Tensor], attn_var: Optional[torch.Tensor],
+        eps: float, attn_eps: float, attn_bn_eps: float,
+) -> Tuple[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, ...]]:
+    """``(out, [batch mean, unbiased batch var, attention-logit mean, unbiased attention-logit var], saved)``.
+
+    ``norm_mean`` / ``attn_mean`` None: batch statistics (training), else those running statistics. The batch
+    statistics are returned empty where running ones are used; ``saved`` is what the backward needs.
+    """
+    n, _, h, w = x.shape
+    spatial = h * w
+    dt = _compute_dtype(x, mixture_weight)
+    # the output buffer first takes the squares of the statistics pass (no extra full-size allocation)
+    out = torch.empty_like(x)
+    mu, var_nc = instance_moments(x, out if x.dtype in (torch.float32, torch.float64) else None)
+    mu, var_nc = _cast(mu, dt), _cast(var_nc, dt)
+    if norm_mean is None:  # law of total variance: batch var = mean of instance vars + var of instance means
+        mean = mu.mean(0)
+        centered = mu - mean  # (torch.var_mean over dim 0 of an (N, C) matrix is a slow Welford loop on CPU)
+        var = torch.addcmul(var_nc, centered, centered).mean(0)
+        count = n * spatial
+        batch_stats = [mean, var * (count / max(count - 1, 1))]
+    else:
+        mean, var = _cast(norm_mean, dt), _cast(norm_var, dt)
+        batch_stats = [x.new_empty(0, dtype=dt), x.new_empty(0, dtype=dt)]
+    rstd = torch.rsqrt(var + eps)
+    # attention input mu * rsqrt(unbiased var + eps); a single position has var 0 (see the reference layer)
+    unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
+    q = torch.rsqrt(var_nc * unbias + attn_eps)
+    s = mu * q
+    z = s @ _cast(conv_weight, dt).view(conv_weight.shape[0], -1).t()  # the 1x1 conv on (N, C, 1, 1)
+    if attn_mean is None:
+        z_var, z_mean = torch.var_mean(z, dim=0, correction=0)
+        batch_stats += [z_mean, z_var * (n / (n - 1))]
+    else:
+        z_var, z_mean = _cast(attn_var, dt), _cast(attn_mean, dt)
+        batch_stats += [x.new_empty(0, dtype=dt), x.new_empty(0, dtype=dt)]
+    z_rstd = torch.rsqrt(z_var + attn_bn_eps)
+    z_hat = (z - z_mean) * z_rstd
+    u = torch.addcmul(_cast(attn_bias, dt), z_hat, _cast(attn_weight, dt))  # BatchNorm_K's affine
+    lam = F.hardsigmoid(u)
+    weight, bias = _cast(mixture_weight, dt), _cast(mixture_bias, dt)
+    a = (lam @ weight).mul_(rstd)  # gamma * rstd
+    b = torch.addcmul(lam @ bias, a, mean, value=-1)  # beta - mean * gamma * rstd
+    torch.addcmul(_nc11(b, x.dtype), x, _nc11(a, x.dtype), out=out)
+    return out, batch_stats, (a, mean, rstd, mu, q, s, u, lam, z_hat, z_rstd)
+
+
+def _gradient_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scratch: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``sum_hw dy`` and ``sum_hw dy (x - m)`` per (sample, channel), in ``mean``'s dtype (m: per channel).
+
+    ``scratch`` (like x) takes the products ``dy * x``; the layer passes the buffer its input gradient is written
+    to next, so no extra full-size tensor is allocated.
+    """
+    d_sum = grad.sum(dim=(2, 3), dtype=mean.dtype)
+    d_product = torch.mul(grad, x, out=scratch).sum(dim=(2, 3), dtype=mean.dtype)
+    return d_sum, d_product.addcmul_(d_sum, mean, value=-1)
+
+
+def _inference(
+        x: torch.Tensor, conv_weight: torch.Tensor, attn_weight: torch.Tensor, attn_bias: torch.Tensor,
+        mixture_weight: torch.Tensor, mixture_bias: torch.Tensor, norm_mean: torch.Tensor, norm_var: torch.Tensor,
+        attn_mean: torch.Tensor, attn_var: torch.Tensor, eps: float, attn_eps: float, attn_bn_eps: float,
+) -> torch.Tensor:
+    """:func:`_forward` without autograd and with running statistics for both BatchNorms (inference), in the fewest
+    ops: BatchNorm_K folds into the 1x1 conv (``u = s Wc'^T + t``), the standardization into the mixture
+    (``[a | b] = lam [W r | B - W m r]``), so the (N, C) / (N, K) work is a handful of small matrix products."""
+    n, c, h, w = x.shape
+    spatial = h * w
+    dt = _compute_dtype(x, mixture_weight)
+    weight = _cast(mixture_weight, dt)
+    rstd = torch.rsqrt(_cast(norm_var, dt) + eps)
+    mixture = torch.cat([weight * rstd, torch.addcmul(_cast(mixture_bias, dt), weight, _cast(norm_mean, dt) * rstd,
+                                                      value=-1)], dim=1)  # (K, 2C)
+    attn_scale = torch.rsqrt(_cast(attn_var, dt) + attn_bn_eps).mul_(_cast(attn_weight, dt))
+    attn_shift = torch.addcmul(_cast(attn_bias, dt), _cast(attn_mean, dt), attn_scale, value=-1)
+    conv = _cast(conv_weight, dt).view(conv_weight.shape[0], c) * attn_scale[:, None]  # (K, C)
+    out = torch.empty_like(x)
+    mu, var_nc = instance_moments(x, out if x.dtype in (torch.float32, torch.float64) else None)
+    unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
+    s = torch.rsqrt(_cast(var_nc, dt).mul_(unbias).add_(attn_eps)).mul_(_cast(mu, dt))
+    lam = F.hardsigmoid(torch.addmm(attn_shift, s, conv.t()), inplace=True)
+    scale, shift = (lam @ mixture).view(n, 2, c, 1, 1).unbind(1)
+    return torch.addcmul(_cast(shift, x.dtype), x, _cast(scale, x.dtype), out=out)
+
+
+class AttentiveNormFunction(torch.autograd.Function):
+    """The whole AN forward ``out = x * a + b`` (see :func:`_forward`) as one autograd node.
+
+    Inputs: ``x``, the attention's 1x1 conv weight (K, C, 1, 1), BatchNorm_K's weight and bias (K), the mixture
+    weight and bias (K, C); running statistics of the standardization and of BatchNorm_K, or None for batch
+    statistics; the three epsilons. Outputs: ``out`` and the (non-differentiable) batch statistics for the
+    running-statistics update.
+
+    Backward. Notation: M = H*W, per (n, c) mean ``mu`` and biased var ``v`` of x, ``q = rsqrt(v M/(M-1) + e_a)``,
+    ``s = mu q``, ``z = s Wc^T``, ``zh = (z - mz) rz``, ``u = zh g + h``, ``lam = hsig(u)``, ``gamma = lam W``,
+    ``beta = lam B``, channel mean ``m`` and ``r = rsqrt(var + eps)``, ``a = gamma r``, ``b = beta - m a``,
+    ``out = x a + b``. With ``dy`` the incoming gradient:
+
+        P = sum_hw dy,  Q = sum_hw dy x                          (the only two reductions over the big tensor)
+        da = Q - m P  (through a, and through b = beta - m a),   dgamma = da r,   dbeta = P
+        dW = lam^T dgamma,  dB = lam^T dbeta,  dlam = dgamma W^T + dbeta B^T
+        du = dlam [-3 < u < 3] / 6,  dg = sum_n du zh,  dh = sum_n du,  dzh = du g
+        dz = rz (dzh - mean_n dzh - zh mean_n(dzh zh))    (batch statistics; running ones: dz = rz dzh)
+        dWc = dz^T s,  ds = dz Wc,  dmu = ds q,  dv = -ds s q^2 M / (2 (M-1))   (dv = 0 at M = 1)
+      batch statistics of the standardization, m = mean_n mu, var = mean_n v + mean_n (mu - m)^2:
+        dr = sum_n da gamma = sum_n da a / r,  dm = -sum_n P a,  dvar = -dr r^3 / 2
+        dv += dvar / N,  dmu += (dm + 2 dvar (mu - m)) / N
+      and from mu = sum_hw x / M, v = sum_hw (x - mu)^2 / M:
+        dx = dy a + dmu / M + 2 dv (x - mu) / M = dy a + x p + c,   p = 2 dv / M,  c = dmu / M - p mu
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        mean, var = instance_moments(x)
-        ctx.save_for_backward(x, mean)
-        return mean, var
+    def forward(ctx, x, conv_weight, attn_weight, attn_bias, mixture_weight, mixture_bias,
+                norm_mean, norm_var, attn_mean, attn_var, eps, attn_eps, attn_bn_eps):
+        with _no_autocast(x.device.type):
+            out, batch_stats, saved = _forward(x, conv_weight, attn_weight, attn_bias, mixture_weight, mixture_bias,
+                                               norm_mean, norm_var, attn_mean, attn_var, eps, attn_eps, attn_bn_eps)
+        ctx.save_for_backward(x, conv_weight, attn_weight, mixture_weight, mixture_bias, *saved)
+        ctx.norm_batch, ctx.attn_batch = norm_mean is None, attn_mean is None
+        ctx.dtypes = (x.dtype, conv_weight.dtype, attn_weight.dtype, attn_bias.dtype, mixture_weight.dtype,
+                      mixture_bias.dtype)
+        ctx.mark_non_differentiable(*batch_stats)
+        return (out, *batch_stats)
 
     @staticmethod
-    def backward(ctx, grad_mean: Optional[torch.Tensor], grad_var: Optional[torch.Tensor]):
-        x, mean = ctx.saved_tensors
-        spatial = x.shape[2] * x.shape[3]
-        # d mean / dx = 1 / M;  d var / dx = 2 (x - mean) / M  ->  grad = x * scale + shift, per (n, c)
-        scale = torch.zeros_like(mean) if grad_var is None else grad_var * (2.0 / spatial)
-        shift = -mean * scale
-        if grad_mean is not None:
-            shift = shift + grad_mean / spatial
-        grad = torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
-        return grad
-
-
-class ChannelAffine(torch.autograd.Function):
-    """``x * a + b`` with a per-(sample, channel) scale ``a`` and shift ``b`` of shape (N, C)."""
+    def backward(ctx, grad_out, *_):
+        with _no_autocast(grad_out.device.type):
+            return AttentiveNormFunction._backward(ctx, grad_out)
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, scale)
-        return torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, scale = ctx.saved_tensors
-        grad_x = grad_scale = grad_shift = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * scale[:, :, None, None].to(grad.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_scale = (grad * x).sum(dim=(2, 3), dtype=scale.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_shift = grad.sum(dim=(2, 3), dtype=scale.dtype)
-        return grad_x, grad_scale, grad_shift
+    def _backward(ctx, grad_out: torch.Tensor):
+        x, conv_weight, attn_weight, mixture_weight, mixture_bias, a, mean, rstd, mu, q, s, u, lam, z_hat, z_rstd = \
+            ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n, _, h, w = x.shape
+        spatial = h * w
+        dt = a.dtype
+        weight, bias = _cast(mixture_weight, dt), _cast(mixture_bias, dt)
+        d_x = torch.empty_like(x)
+        d_beta, d_a = _gradient_sums(grad_out, x, mean, d_x)  # P, Q - m P
+        d_gamma = d_a * rstd
+        d_mixture_weight = lam.t() @ d_gamma if need[4] else None
+        d_mixture_bias = lam.t() @ d_beta if need[5] else None
+        d_lam = torch.addmm(d_beta @ bias.t(), d_gamma, weight.t())
+        d_u = torch.ops.aten.hardsigmoid_backward(d_lam, u)
+        d_attn_weight = (d_u * z_hat).sum(0) if need[2] else None
+        d_attn_bias = d_u.sum(0) if need[3] else None
+        d_z = d_u * _cast(attn_weight, dt)
+        if ctx.attn_batch:
+            d_z = d_z - d_z.mean(0) - z_hat * (d_z * z_hat).mean(0)
+        d_z = d_z.mul_(z_rstd)
+        wc = _cast(conv_weight, dt).view(conv_weight.shape[0], -1)
+        d_conv_weight = (d_z.t() @ s).view(conv_weight.shape) if need[1] else None
+        d_s = d_z @ wc
+        d_mu = d_s * q
+        unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
+        d_var_nc = d_s.mul_(s).mul_(q.square()).mul_(-0.5 * unbias)
+        if not need[0]:
+            d_x = None
+        else:
+            if ctx.norm_batch:
+                d_rstd = (d_a * a).sum(0).div_(rstd)
+                d_var = d_rstd.mul_(rstd.pow(3)).mul_(-0.5 / n)  # dvar / N
+                d_var_nc = d_var_nc.add_(d_var)
+                d_mean = (d_beta * a).sum(0).mul_(-1.0 / n)  # dm / N
+                d_mu = d_mu.add_(d_mean).addcmul_(mu - mean, d_var, value=2.0)
+            p = d_var_nc.mul_(2.0 / spatial)
+            c = torch.addcmul(d_mu.mul_(1.0 / spatial), p, mu, value=-1)
+            torch.addcmul(_nc11(c, x.dtype), x, _nc11(p, x.dtype), out=d_x).addcmul_(grad_out, _nc11(a, x.dtype))
+        grads = (d_x, d_conv_weight, d_attn_weight, d_attn_bias, d_mixture_weight, d_mixture_bias)
+        grads = tuple(g if g is None else _cast(g, dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _running_stats_factor(bn: nn.Module) -> float:
@@ -111,53 +292,43 @@ def _running_stats_factor(bn: nn.Module) -> float:
     return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
 
 
-def _batch_statistics(norm: nn.Module, mean_nc: torch.Tensor, var_nc: torch.Tensor, count: int):
-    """Batch mean / biased var per channel from per-instance moments, updating ``norm``'s running statistics
-    exactly as ``nn.BatchNorm2d`` does (unbiased variance, momentum or cumulative average)."""
-    mean = mean_nc.mean(0)
-    var = var_nc.mean(0) + (mean_nc - mean).pow(2).mean(0)  # law of total variance
-    if norm.track_running_stats:
+def _uses_batch_stats(bn: nn.Module) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _update_running_stats(bn: nn.Module, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
-            factor = _running_stats_factor(norm)
-            unbiased = var * (count / max(count - 1, 1))
-            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-            norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
-    return mean, var
-
-
-def _mixture_weights(attn: nn.Module, s: torch.Tensor) -> torch.Tensor:
-    """``attn.gate(s)`` with the 1x1 conv on a (N, C, 1, 1) tensor done as a matrix product (on CPU the
-    convolution call costs several times the arithmetic) and BatchNorm_K on the (N, K) matrix directly."""
-    bn = attn.bn
-    if type(bn) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm: keep the module's own semantics
-        return attn.gate(s)
-    weight = attn.conv.weight
-    z = F.linear(s.to(weight.dtype), weight.flatten(1))
-    factor = _running_stats_factor(bn) if bn.training and bn.track_running_stats else 0.0
-    use_batch_stats = bn.training or not bn.track_running_stats
-    z = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
-    return F.hardsigmoid(z)
+            factor = _running_stats_factor(bn)
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+            bn.running_var.lerp_(var_unbiased.to(bn.running_var.dtype), factor)
 
 
 def fast_attentive_norm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of an :class:`~an_zoo.layers.AttentiveBatchNorm2d` ``layer``, computed the fast way.
 
     Requires ``layer.norm`` to be a plain ``nn.BatchNorm2d`` in training mode, or any BatchNorm-like module with
-    running statistics in eval mode (frozen, SyncBatchNorm in eval); the layer checks that before calling.
+    running statistics in eval mode (frozen, SyncBatchNorm in eval); the layer checks that before calling. An
+    attention BatchNorm that is not a plain ``nn.BatchNorm2d`` but needs batch statistics (SyncBatchNorm), or one
+    without affine parameters, runs the reference code.
     """
-    n, _, h, w = x.shape
-    spatial = h * w
-    mean_nc, var_nc = InstanceMoments.apply(x)
-    norm = layer.norm
-    if norm.training:
-        mean, var = _batch_statistics(norm, mean_nc, var_nc, n * spatial)
-    else:
-        mean, var = norm.running_mean.to(mean_nc.dtype), norm.running_var.to(mean_nc.dtype)
-    rstd = torch.rsqrt(var + norm.eps)
-    # attention input from the same moments: unbiased variance (0 for a single position, see the reference layer)
-    var_unbiased = var_nc * (spatial / (spatial - 1)) if spatial > 1 else torch.zeros_like(var_nc)
-    lam = _mixture_weights(layer.attn, mean_nc * torch.rsqrt(var_unbiased + layer.attn.eps))
-    lam = lam.to(layer.mixture_weight.dtype)
-    scale = (lam @ layer.mixture_weight) * rstd.to(lam.dtype)
-    shift = lam @ layer.mixture_bias - mean.to(lam.dtype) * scale
-    return ChannelAffine.apply(x, scale, shift)
+    norm, attn_bn = layer.norm, layer.attn.bn
+    norm_batch, attn_batch = _uses_batch_stats(norm), _uses_batch_stats(attn_bn)
+    if (attn_batch and type(attn_bn) is not nn.BatchNorm2d) or attn_bn.weight is None:
+        return layer._reference(x)
+    args = (x, layer.attn.conv.weight, attn_bn.weight, attn_bn.bias, layer.mixture_weight, layer.mixture_bias,
+            None if norm_batch else norm.running_mean, None if norm_batch else norm.running_var,
+            None if attn_batch else attn_bn.running_mean, None if attn_batch else attn_bn.running_var,
+            norm.eps, layer.attn.eps, attn_bn.eps)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:6]):
+        out, mean, var, z_mean, z_var = AttentiveNormFunction.apply(*args)
+    else:  # no autograd: the same forward without the Function's bookkeeping
+        with _no_autocast(x.device.type):
+            if not (norm_batch or attn_batch):
+                return _inference(*args)
+            out, (mean, var, z_mean, z_var), _ = _forward(*args)
+    if norm_batch:
+        _update_running_stats(norm, mean, var)
+    if attn_batch:
+        _update_running_stats(attn_bn, z_mean, z_var)
+    return out
