@@ -9,6 +9,7 @@ A bundle loads with no network access: ``timm.create_model('local-dir:DIR', pret
 ``import an_zoo``) or ``torch.hub.load('DIR', 'model', source='local')``.
 """
 import argparse
+import difflib
 import json
 import shutil
 import sys
@@ -43,7 +44,10 @@ def _resolve(name: str) -> WeightEntry:
         candidates = [e for e in load_manifest() if e.model == name and e.published]
         if len(candidates) != 1:
             known = ', '.join(e.name + ('' if e.published else ' (not published)') for e in load_manifest())
-            raise SystemExit(f'unknown or ambiguous weight {name!r}; the manifest has: {known}')
+            names = sorted({e.name for e in load_manifest()} | {e.model for e in load_manifest()})
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f' Did you mean {" or ".join(close)}?' if close else ''
+            raise SystemExit(f'unknown or ambiguous weight {name!r}.{hint} The manifest has: {known}')
         entry = candidates[0]
     if not entry.published:
         raise SystemExit(f'{entry.name} is not published on the Hub yet (see weights_manifest.json)')

@@ -134,10 +134,13 @@ def fetch_weights(
         path = _local_rank_zero_first(download)
     except LocalEntryNotFoundError as err:  # first: it subclasses EntryNotFoundError in huggingface_hub 2.x
         how = ('HF_HUB_OFFLINE is set' if settings['offline'] else f'{settings["endpoint"]} could not be reached')
+        fill = (f'run `python -m an_zoo download {name}` with the same HF_HOME (or `python -m an_zoo bundle {name} '
+                f'DIR` and copy DIR)' if entry is not None else
+                f'download it into the same cache (huggingface_hub.hf_hub_download("{repo_id}", "{filename}", '
+                f'revision={revision!r}))')
         raise WeightsUnavailableError(
             f'{name}: {how} and {filename} (repo {repo_id}, revision {revision or "main"}) is not in the cache '
-            f'{cache_dir}. On a connected machine run `python -m an_zoo download {name}` with the same HF_HOME '
-            f'(or `python -m an_zoo bundle {name} DIR` and copy DIR), or load a local file: '
+            f'{cache_dir}. On a connected machine {fill}, or load a local file: '
             f'timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file="/path/to/model.safetensors")).'
         ) from err
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:

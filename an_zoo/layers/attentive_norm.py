@@ -190,10 +190,14 @@ class AttentiveBatchNorm2d(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
-            raise ValueError(f'AttentiveBatchNorm2d expects a 4D (N, C, H, W) input, got {x.dim()}D input')
+            hint = ': add the batch dimension (x.unsqueeze(0))' if x.dim() == 3 else ''
+            raise ValueError(f'AttentiveBatchNorm2d expects a 4D (N, C, H, W) input, got {x.dim()}D input of '
+                             f'shape {list(x.shape)}{hint}')
         if x.shape[1] != self.num_features:
             raise ValueError(
-                f'AttentiveBatchNorm2d({self.num_features}) got an input with {x.shape[1]} channels')
+                f'AttentiveBatchNorm2d({self.num_features}) got an input with {x.shape[1]} channels (shape '
+                f'{list(x.shape)}), expected {self.num_features}: the layer before it must output '
+                f'{self.num_features} channels (or build this layer with num_features={x.shape[1]})')
         if self.attn.bn.training and x.shape[0] == 1:
             # the attention branch normalizes its (N, K) logits over the batch, as BatchNorm does (a frozen
             # layer keeps that BatchNorm in eval mode and takes any batch size)

@@ -96,6 +96,24 @@ def _nc11(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _cast(t, dtype).view(*t.shape, 1, 1)
 
 
+def _channel_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mean: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+    """``out = x * a + b`` per (sample, channel), written into ``out``; ``b = beta - mean * a`` with ``mean`` (C,)
+    the mean x is standardized with (batch mean in training, running mean in eval).
+
+    float16 / bfloat16 x is centred on that mean first, ``(x - m) * a + (b + m a)`` with ``m`` = mean rounded to x's
+    dtype (b absorbs exactly that value), i.e. ``gamma * xhat + beta`` as the reference computes it. Otherwise
+    ``x * a`` and ``b`` nearly cancel when |mean| >> std and the low-precision result loses log2(|mean| / std) bits
+    (a constant channel all of them). float32 / float64 keep the single pass (their cancellation error is ~1e-6).
+    """
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.addcmul(_nc11(b, x.dtype), x, _nc11(a, x.dtype), out=out)
+    centre = mean.to(x.dtype)
+    b = torch.addcmul(b, a, centre.to(b.dtype))
+    torch.sub(x, centre.view(1, -1, 1, 1), out=out)
+    return torch.addcmul(_nc11(b, x.dtype), out, _nc11(a, x.dtype), out=out)
+
+
 def _no_autocast(device_type: str):
     """The (N, C) / (N, K) algebra runs in float32 even under autocast (autocast would recast its matmuls)."""
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
@@ -153,7 +171,7 @@ def _forward(
     weight, bias = _cast(mixture_weight, dt), _cast(mixture_bias, dt)
     a = (lam @ weight).mul_(rstd)  # gamma * rstd
     b = torch.addcmul(lam @ bias, a, mean, value=-1)  # beta - mean * gamma * rstd
-    torch.addcmul(_nc11(b, x.dtype), x, _nc11(a, x.dtype), out=out)
+    _channel_affine(x, a, b, mean, out)
     return out, batch_stats, (a, mean, rstd, mu, q, s, u, lam, z_hat, z_rstd)
 
 
@@ -193,7 +211,7 @@ def _inference(
     s = torch.rsqrt(_cast(var_nc, dt).mul_(unbias).add_(attn_eps)).mul_(_cast(mu, dt))
     lam = F.hardsigmoid(torch.addmm(attn_shift, s, conv.t()), inplace=True)
     scale, shift = (lam @ mixture).view(n, 2, c, 1, 1).unbind(1)
-    return torch.addcmul(_cast(shift, x.dtype), x, _cast(scale, x.dtype), out=out)
+    return _channel_affine(x, scale.view(n, c), shift.view(n, c), _cast(norm_mean, dt), out)
 
 
 class AttentiveNormFunction(torch.autograd.Function):

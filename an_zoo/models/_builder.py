@@ -7,13 +7,14 @@ adapts (classifier, first conv, features_only wrapping):
     * ``file`` / ``local-dir:`` sources are read by :func:`load_checkpoint_file` (official checkpoints pickle apex
       objects, which timm's ``torch.load(weights_only=True)`` refuses) and verified whenever a hash is known.
 """
+import difflib
 import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Type, TypeVar
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, list_models
 from timm.models._builder import resolve_pretrained_cfg
 
 from .._manifest import WeightEntry, load_manifest, weight_entry
@@ -42,6 +43,21 @@ def _no_weights_error(variant: str, cfg: Dict[str, Any]) -> RuntimeError:
     return RuntimeError(
         f'no pretrained weights exist for {name}. Use pretrained=False for random init, or load a checkpoint '
         f'with pretrained_cfg_overlay=dict(file="/path/to/checkpoint").')
+
+
+def _check_tag(variant: str, pretrained_cfg: Any) -> None:
+    """timm's 'Invalid pretrained tag' error, plus the tags that exist and the closest ones."""
+    if not isinstance(pretrained_cfg, str) or not pretrained_cfg:
+        return
+    known = [n.partition('.')[2] for n in list_models(variant, include_tags=True) if '.' in n]
+    if pretrained_cfg in known:
+        return
+    close = difflib.get_close_matches(pretrained_cfg, known, n=3, cutoff=0.5)
+    hint = f' Did you mean {" or ".join(f"{variant}.{t}" for t in close)}?' if close else ''
+    tags = ', '.join(f'{variant}.{t}' for t in known) if known else 'none (this architecture has no pretrained tags)'
+    raise RuntimeError(
+        f'Invalid pretrained tag ({pretrained_cfg}) for {variant}.{hint} Known: {tags}. Leave the tag out for '
+        f'the default, or list them with timm.list_models("{variant}", include_tags=True).')
 
 
 def _entry_for(variant: str, cfg: Dict[str, Any]) -> Optional[WeightEntry]:
@@ -110,6 +126,7 @@ def build_an_model(
         **kwargs: Any,
 ) -> ModelT:
     """Build ``model_cls`` for ``variant`` as timm's ``build_model_with_cfg`` does, reading weight files safely."""
+    _check_tag(variant, kwargs.get('pretrained_cfg'))
     state_dict = None
     source = None
     if pretrained:

@@ -69,8 +69,16 @@ def _torch_load_weights_only(path: Path) -> Any:
         if not unsafe:
             raise CheckpointError(f'cannot read checkpoint {path}: {err}') from err
         # Classes from other libraries (e.g. apex's loss scaler) become inert placeholders; only tensors are used.
-        with torch.serialization.safe_globals([_placeholder(name) for name in unsafe]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            with torch.serialization.safe_globals([_placeholder(name) for name in unsafe]):
+                return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as refused:  # e.g. a call into os / sys, which torch refuses outright
+            reason = next((line for line in str(refused).splitlines() if 'GLOBAL' in line), str(refused)).strip()
+            raise CheckpointError(
+                f'cannot read checkpoint {path} safely: it references {unsafe}, which loading with '
+                f'weights_only=True refuses ({reason}). Nothing from the file was run. If you trust the file, '
+                f'extract its state_dict yourself (torch.load(path, weights_only=False)) and save that alone '
+                f'(torch.save(state_dict, ...) or safetensors).') from refused
 
 
 def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
@@ -97,12 +105,12 @@ def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
                 f'download it again.') from err
     try:
         checkpoint = _torch_load_weights_only(path)
-    except CheckpointError:
+    except (CheckpointError, OSError, MemoryError):
         raise
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+    except Exception as err:  # torch's unpickler fails on damaged bytes with IndexError, KeyError, struct.error...
         raise CheckpointError(
-            f'cannot read checkpoint {path}: {err}. The file may be truncated or not a PyTorch checkpoint: '
-            f'download it again.') from err
+            f'cannot read checkpoint {path}: {type(err).__name__}: {err}. The file may be truncated, corrupt or '
+            f'not a PyTorch checkpoint: download it again.') from err
     return unwrap_state_dict(checkpoint, source=str(path))
 
 
@@ -233,4 +241,50 @@ def remap_state_dict(
             f'model: {unmapped}; {len(missing)} model key(s) are not in the checkpoint: {missing}. '
             f'Check that the checkpoint is for this architecture (and variant), e.g. an AN-ResNet-50 file for '
             f'an_resnet50.')
+    _check_shapes(out, target, model)
     return out
+
+
+def _shape_error(model: nn.Module, what: str) -> CheckpointError:
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    return CheckpointError(f'the checkpoint does not fit {name}: {what}')
+
+
+def _check_shapes(out: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse tensors whose shape differs from the model's, with what to do, leaving to timm what it adapts: the
+    first conv of a model built with another ``in_chans`` and the classifier of one built with another
+    ``num_classes`` than the pretrained cfg's."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    first_convs = cfg.get('first_conv') or ()
+    first_convs = (first_convs,) if isinstance(first_convs, str) else tuple(first_convs)
+    classifiers = cfg.get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    pretrained_in_chans = (cfg.get('input_size') or (3,))[0]
+    head_dropped = getattr(model, 'num_classes', None) != cfg.get('num_classes')  # timm drops the classifier
+    mismatched = []
+    for key, ours in target.items():  # in the model's order: the first conv first
+        value = out.get(key)
+        if value is None or ours.shape == value.shape:
+            continue
+        if key in {f'{c}.weight' for c in first_convs} and value.dim() == 4 and value.shape[0] == ours.shape[0]:
+            if value.shape[1] == pretrained_in_chans:
+                continue  # timm adapts it to the model's in_chans
+            raise _shape_error(model, (
+                f'its first conv {key} takes {value.shape[1]} input channel(s) (shape {list(value.shape)}), the '
+                f'model {ours.shape[1]} (shape {list(ours.shape)}). Create the model with in_chans='
+                f'{value.shape[1]}, the number of channels the checkpoint was trained with.'))
+        head = next((c for c in classifiers if key.startswith(c + '.')), None)
+        if head is not None:
+            if head_dropped:
+                continue  # timm re-initialises the classifier
+            raise _shape_error(model, (
+                f'its classifier {head} has {value.shape[0]} outputs ({key}: {list(value.shape)}), the model '
+                f'{ours.shape[0]} ({list(ours.shape)}). To load the checkpoint with its classifier pass '
+                f'num_classes={value.shape[0]} and pretrained_cfg_overlay=dict(..., num_classes={value.shape[0]}); '
+                f'to fine-tune a new classifier pass another num_classes.'))
+        mismatched.append(f'{key}: checkpoint {list(value.shape)}, model {list(ours.shape)}')
+    if mismatched:
+        raise _shape_error(model, (
+            f'{len(mismatched)} tensor(s) have another shape in the checkpoint than in the model: '
+            f'{mismatched[:20]}{" ..." if len(mismatched) > 20 else ""}. The checkpoint is for another variant of '
+            f'the architecture (width, depth or number of mixtures): create the model it was trained with.'))

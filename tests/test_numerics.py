@@ -1,0 +1,430 @@
+"""Numerics of Attentive Normalization: float16 / bfloat16 (autocast and real low-precision weights) against float32,
+large activations in float16, and the edge cases H*W == 1, very large H*W, batch 1 in eval, zero-variance channels.
+
+Both implementations (``impl='fast'``, the default, and ``impl='reference'``), training and eval mode, CPU and CUDA
+(the CUDA cases skip without a GPU). Error measure: relative error ``||y - y32|| / ||y32||`` (Frobenius norm over
+the whole tensor) against the float32 computation.
+
+Stated tolerances (README):
+
+* one AN layer, given the same reduced-precision input as its float32 counterpart (the error AN itself adds),
+  default (fast) implementation: float16 ``1.5e-3``, bfloat16 ``1.2e-2`` -- about three units of roundoff of the
+  output dtype (4.9e-4 / 3.9e-3): the statistics and the (N, C) algebra run in float32, only ``x * a + b`` is
+  written in the low dtype. Reference implementation: float16 ``1e-2``, bfloat16 ``3e-2`` (its attention 1x1 conv
+  and mixture matmuls run in the low dtype, as autocast runs any conv / matmul). Measured on CPU: fast 3.1e-4 /
+  2.4e-3 on random inputs, at most 6.8e-4 / 5.6e-3 inside the models below; reference up to 3.8e-3 / 1.3e-2.
+  This includes inputs whose |mean| is large compared to their standard deviation, and constant channels.
+* logits of a whole network (``an_resnet18_bn12``, 64 px, calibrated running statistics), autocast or
+  ``model.half()`` / ``model.bfloat16()``: float16 ``5e-3``, bfloat16 ``3e-2`` (measured on CPU, both
+  implementations: autocast 1.4e-3 / 1.1e-2, ``.half()`` / ``.bfloat16()`` 1.8e-3 / 1.3e-2).
+  Whole-network errors depend on the network: a randomly initialised MobileNetV2 (without residuals across its
+  stride-2 blocks) amplifies rounding chaotically -- its plain BatchNorm twin ``mobilenetv2_050`` shows about
+  7e-2 (float16) and 3e-1 (bfloat16) on the same inputs, ``an_mobilenetv2_050`` 1.8e-1 / 5.5e-1 -- so there every
+  AN layer is held to the layer tolerance inside the network instead
+  (test_every_an_layer_in_a_model_within_the_layer_tolerance).
+
+Large activations: AN's per-sample and batch statistics are accumulated in float32, so inputs scaled by 1e3
+(sums of squares ~1e8, far above float16's 65504) give finite, accurate outputs and statistics. Running statistics
+are stored in the buffers' dtype: after ``model.half()`` a channel variance above 65504 becomes inf in the float16
+``running_var``, exactly as in ``nn.BatchNorm2d`` (test_large_activations_float16): train with autocast (float32
+buffers), not with ``.half()``, when activations can be that large.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from an_zoo import AttentiveBatchNorm2d
+from an_zoo.layers import instance_attention_stats
+from an_zoo.layers.fast_attentive_norm import instance_moments
+from test_layer import spec_forward
+
+LAYER_TOL = {
+    'fast': {torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2},
+    # the reference code's attention 1x1 conv and mixture matmuls run in the low dtype, as autocast runs any conv
+    'reference': {torch.float16: 1e-2, torch.bfloat16: 3e-2},
+}
+MODEL_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+FP32_TOL = 1e-5  # float32 against the float64 specification
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device: the CUDA numerics run on a GPU')
+DEVICES = ['cpu', pytest.param('cuda', marks=CUDA)]
+IMPLS = ['fast', 'reference']
+# autocast: float32 weights, low-precision activations; cast: the layer / model converted with .to(dtype)
+MODES = [('autocast', torch.float16), ('autocast', torch.bfloat16), ('cast', torch.float16), ('cast', torch.bfloat16)]
+MODE_IDS = [f'{m}-{str(d)[6:]}' for m, d in MODES]
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """One intra-op thread: these small tensors gain nothing from more, and on a busy machine OpenMP threads
+    waiting for each other make each op ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _full_float32():
+    """float32 references in true float32 on CUDA (TF32 convolutions / matmuls would be the larger error)."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    scale = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _layer(impl, device, c=16, k=5, training=True):
+    layer = AttentiveBatchNorm2d(c, num_mixtures=k, impl=impl)
+    with torch.no_grad():  # non-trivial running statistics and attention affine
+        layer.norm.running_mean.uniform_(-0.5, 0.5)
+        layer.norm.running_var.uniform_(0.5, 2.0)
+        layer.attn.bn.weight.uniform_(0.5, 1.5)
+        layer.attn.bn.bias.uniform_(-0.5, 0.5)
+        layer.attn.bn.running_var.uniform_(0.5, 2.0)
+    return layer.to(device).train(training)
+
+
+def _set_impl(model: nn.Module, impl: str) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, AttentiveBatchNorm2d):
+            m.impl = impl
+    return model
+
+
+def _calibrated(model, x):
+    """Running statistics set from ``x`` (as tests/test_models.py): at init they are 0/1, which makes a deep random
+    network's eval outputs meaningless."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: one pass sets the batch statistics
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
+def _run_low(module, x, mode, dtype):
+    """(output in low precision, float32 counterpart of the same module on the same rounded input)."""
+    device = x.device.type
+    x_low = x.to(dtype)
+    if mode == 'autocast':
+        reference = copy.deepcopy(module)
+        with torch.autocast(device, dtype=dtype):
+            out = module(x_low)
+    else:
+        module = module.to(dtype)
+        reference = copy.deepcopy(module).float()
+        out = module(x_low)
+    return out, reference(x_low.float()), module, reference
+
+
+# ----------------------------------------------------------------------------------------------- layer level
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('mode, dtype', MODES, ids=MODE_IDS)
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_layer_reduced_precision(impl, training, mode, dtype, device):
+    layer = _layer(impl, device, training=training)
+    x = torch.randn(4, 16, 9, 7, device=device) * 2 + 0.5
+    out, expected, layer, reference = _run_low(layer, x, mode, dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, expected) <= LAYER_TOL[impl][dtype]
+    if training:  # running statistics: float32 buffers under autocast; stored in dtype after .to(dtype)
+        for name in ('norm.running_mean', 'norm.running_var', 'attn.bn.running_mean', 'attn.bn.running_var'):
+            got, want = layer.get_buffer(name), reference.get_buffer(name)
+            assert got.dtype == (torch.float32 if mode == 'autocast' else dtype)
+            # under autocast the statistics are float32 computations of the same input; the reference code's
+            # attention 1x1 conv, like any conv under autocast, runs in the low dtype (the fast code's in float32)
+            exact = mode == 'autocast' and (name.startswith('norm.') or impl == 'fast')
+            assert rel_err(got, want) <= (1e-5 if exact else LAYER_TOL[impl][dtype]), name
+        out.float().square().mean().backward()
+        grads = [x_.grad for x_ in layer.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('mode', ['autocast', 'cast'])
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_large_activations_float16(impl, training, mode, device):
+    """x * 1e3 in float16: per-(sample, channel) sums of squares ~1e8 would overflow float16 (max 65504)."""
+    torch.manual_seed(0)
+    x16 = (torch.randn(4, 16, 8, 8, device=device) * 1e3 + 500).half()
+    x64 = x16.double()
+    # the AN statistics themselves, as both implementations compute them: float32, finite, accurate
+    mean, var = instance_moments(x16)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), x64.mean(dim=(2, 3)), rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(var.double(), x64.var(dim=(2, 3), unbiased=False), rtol=1e-4, atol=0)
+    s = instance_attention_stats(x16)
+    expected_s = x64.mean(dim=(2, 3), keepdim=True) * (x64.var(dim=(2, 3), keepdim=True) + 1e-3).rsqrt()
+    assert s.dtype == torch.float32 and torch.isfinite(s).all()
+    torch.testing.assert_close(s.double(), expected_s, rtol=1e-4, atol=1e-6)
+
+    layer = _layer(impl, device, training=training)
+    out, expected, layer, reference = _run_low(layer, x16.float(), mode, torch.float16)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) <= LAYER_TOL[impl][torch.float16]
+    if not training:
+        return
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    running_var = layer.norm.running_var
+    if mode == 'autocast':  # float32 buffers: the batch variance (~1e6) is stored as it is
+        assert torch.isfinite(running_var).all() and running_var.min() > 65504  # float16's largest value
+        torch.testing.assert_close(running_var, reference.norm.running_var, rtol=1e-5, atol=0)
+    else:  # float16 buffers cannot hold 1e6: inf, exactly like nn.BatchNorm2d after .half()
+        bn = nn.BatchNorm2d(16).to(device).half().train()
+        bn(x16)
+        assert torch.equal(torch.isinf(running_var), torch.isinf(bn.running_var))
+        assert torch.isfinite(layer.norm.running_mean).all()  # the mean (~500) fits
+
+
+# ----------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_single_position_reduced_precision(impl, training, device):
+    # H*W == 1 (the reference code returns NaN): var_hw is defined as 0, s = x * rsqrt(1e-3); float32 matches the
+    # float64 specification, autocast stays within the layer tolerance, gradients are finite
+    layer = _layer(impl, device, training=training)
+    x = torch.randn(6, 16, 1, 1, device=device) * 2 + 0.3
+    out = layer(x.requires_grad_())
+    torch.testing.assert_close(out.double(), spec_forward(layer, x.detach(), training), rtol=FP32_TOL, atol=FP32_TOL)
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    for mode, dtype in MODES[:2]:
+        low, expected, _, _ = _run_low(_layer(impl, device, training=training), x.detach(), mode, dtype)
+        assert torch.isfinite(low).all() and rel_err(low, expected) <= LAYER_TOL[impl][dtype]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_very_large_spatial_size(impl, training, device):
+    """2 x 4 x 1024 x 1024 with |mean| = 200 std: no cancellation in the statistics (E[x^2] - E[x]^2 in float32
+    would lose them entirely); the float16 input is converted to float32 for the statistics in chunks of samples.
+
+    Samples differ in mean and scale, as images do: with identically distributed samples the attention's
+    BatchNorm over the batch would normalize differences of the order of float32 rounding (a property of AN's
+    attention, not of its arithmetic)."""
+    torch.manual_seed(0)
+    n = torch.arange(2.0, device=device)[:, None, None, None]
+    x = torch.randn(2, 4, 1024, 1024, device=device) * (0.5 + 0.25 * n) + 100.0 + 0.5 * n
+    x64 = x.double()
+    layer = _layer(impl, device, c=4, k=3, training=training)
+    with torch.no_grad():
+        layer.norm.running_mean.fill_(100.0)
+        old_var = layer.norm.running_var.double()
+        out = layer(x)
+        expected = spec_forward(layer, x, training)
+    assert torch.isfinite(out).all()
+    # float32 output rounding at |mean| / std = 200, where (x - mean) keeps ~17 bits: measured 9e-6 for the fast
+    # code's folded x * a + b, 3e-6 for the reference (and for nn.BatchNorm2d itself)
+    assert rel_err(out, expected) <= 3e-5
+    if training:
+        mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3))
+        torch.testing.assert_close(layer.norm.running_mean.double(), 0.9 * 100.0 + 0.1 * mean, rtol=1e-7, atol=0)
+        torch.testing.assert_close(layer.norm.running_var.double(), 0.9 * old_var + 0.1 * var, rtol=1e-5, atol=0)
+    # float16: the statistics of the converted input, in chunks; |mean| / std about 1 (see
+    # test_reduced_precision_with_large_mean for larger ratios; nn.BatchNorm2d itself, which the reference code
+    # uses, loses accuracy on float16 input of this size on CPU when |mean| >> std)
+    x = x - 100.0
+    with torch.no_grad():
+        low, ref, _, _ = _run_low(_layer(impl, device, c=4, k=3, training=training), x, 'autocast', torch.float16)
+    assert torch.isfinite(low).all() and rel_err(low, ref) <= LAYER_TOL[impl][torch.float16]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('impl', IMPLS)
+def test_batch_of_one_in_eval(impl, device):
+    # eval mode is per sample: a batch of one gives the same result as that sample inside a batch
+    layer = _layer(impl, device, training=False)
+    x = torch.randn(4, 16, 6, 5, device=device) * 2 + 0.5
+    with torch.no_grad():
+        batch = layer(x)
+        for i in range(4):
+            single = layer(x[i:i + 1])
+            assert single.shape == (1, 16, 6, 5) and torch.isfinite(single).all()
+            torch.testing.assert_close(single, batch[i:i + 1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer(x[:1]).double(), spec_forward(layer, x[:1], False), rtol=FP32_TOL,
+                                   atol=FP32_TOL)
+
+
+def _zero_variance_input(device):
+    x = torch.randn(4, 8, 5, 6, device=device) * 2 + 0.5
+    x[:, 0] = 3.0  # constant everywhere: batch and per-sample variance 0
+    x[:, 1] = 0.0  # all zeros
+    x[:, 2] = torch.arange(4.0, device=device)[:, None, None]  # constant per sample, varies over the batch
+    x[:, 3] = torch.linspace(-1, 1, 6, device=device)  # the same spatial pattern in every sample
+    return x
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_zero_variance_channels(impl, training, device):
+    layer = _layer(impl, device, c=8, k=4, training=training)
+    x = _zero_variance_input(device).requires_grad_()
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    # a zero-variance channel is standardized by 1/sqrt(eps) = 316: the fast code's folded x * a + b (a = gamma *
+    # 316, b = beta - mean * a) cancels |mean * a| ~ 1e3 down to beta in float32, an absolute error of about
+    # 2e-4 here (the unfolded reference: ~1e-7)
+    torch.testing.assert_close(out.double(), spec_forward(layer, x.detach(), training), rtol=1e-4, atol=1e-3)
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    for name in ('running_mean', 'running_var'):
+        assert torch.isfinite(getattr(layer.norm, name)).all()
+
+
+# The fast code writes out = x * a + b; in float16 / bfloat16 it centres x on its per-(sample, channel) mean first,
+# since with |mean| >> std (or a constant channel, standardized by 1/sqrt(eps)) x * a and b would cancel and lose
+# log2(|mean| / std) bits. These two tests hold it to the same tolerance as any other input.
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('mode, dtype', MODES, ids=MODE_IDS)
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_zero_variance_channels_reduced_precision(impl, training, mode, dtype, device):
+    x = _zero_variance_input(device)
+    low, expected, _, _ = _run_low(_layer(impl, device, c=8, k=4, training=training), x, mode, dtype)
+    assert torch.isfinite(low).all()
+    assert rel_err(low, expected) <= LAYER_TOL[impl][dtype]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('mode, dtype', MODES, ids=MODE_IDS)
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_reduced_precision_with_large_mean(impl, training, mode, dtype, device):
+    # |mean| / std about 50 per channel, samples differing in mean and scale
+    n = torch.arange(4.0, device=device)[:, None, None, None]
+    x = torch.randn(4, 16, 16, 16, device=device) * (0.5 + 0.25 * n) + 30.0 + 0.5 * n
+    layer = _layer(impl, device, training=training)
+    with torch.no_grad():
+        layer.norm.running_mean.fill_(30.0)
+        layer.norm.running_var.fill_(0.5)
+    low, expected, _, _ = _run_low(layer, x, mode, dtype)
+    assert torch.isfinite(low).all()
+    assert rel_err(low, expected) <= LAYER_TOL[impl][dtype]
+
+
+# ----------------------------------------------------------------------------------------------- model level
+def _model(name, impl, device, x, num_classes=1000):
+    torch.manual_seed(0)
+    model = _set_impl(timm.create_model(name, num_classes=num_classes), impl).to(device)
+    return _calibrated(model, x)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('mode, dtype', MODES, ids=MODE_IDS)
+@pytest.mark.parametrize('impl', IMPLS)
+def test_model_logits_reduced_precision(impl, mode, dtype, device):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64, device=device)
+    model = _model('an_resnet18_bn12', impl, device, x)
+    with torch.no_grad():
+        expected = model(x)
+        if mode == 'autocast':
+            with torch.autocast(device, dtype=dtype):
+                out = model(x)
+        else:
+            out = model.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, expected) <= MODEL_TOL[dtype]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['float16', 'bfloat16'])
+@pytest.mark.parametrize('name', ['an_resnet18_bn12', 'an_mobilenetv2_050'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_every_an_layer_in_a_model_within_the_layer_tolerance(impl, name, dtype, device):
+    """Under autocast, each AN layer's output (its activation included, for the fused norm-act layers of
+    MobileNetV2) against a float32 copy of the layer applied to the same reduced-precision input."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64, device=device)
+    model = _model(name, impl, device, x)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AttentiveBatchNorm2d)}
+    references = {n: copy.deepcopy(m).float() for n, m in layers.items()}
+    errors = {}
+
+    def hook(layer_name):
+        def check(module, inputs, output):
+            with torch.autocast(device, enabled=False):
+                expected = references[layer_name](inputs[0].float())
+            assert output.dtype == dtype
+            errors[layer_name] = rel_err(output, expected)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype):
+            out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.isfinite(out).all()
+    assert len(errors) == len(layers) > 0
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= LAYER_TOL[impl][dtype], f'{worst}: {errors[worst]:.2e}'
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('impl', IMPLS)
+def test_model_large_activations_float16_autocast(impl, device):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64, device=device) * 1e3
+    model = _model('an_resnet18_bn12', impl, device, x, num_classes=10)
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast(device, dtype=torch.float16):
+            out = model(x)
+    assert torch.isfinite(out).all() and rel_err(out, expected) <= MODEL_TOL[torch.float16]
+    model.train()
+    with torch.autocast(device, dtype=torch.float16):
+        loss = nn.functional.cross_entropy(model(x).float(), torch.arange(4, device=device))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('name', ['an_resnet18_bn12', 'an_mobilenetv2_050'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_model_single_position_maps_and_batch_of_one(impl, name, device):
+    # 32 px: the last stage runs at 1x1 (H*W == 1 in its AN layers)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, device=device)
+    model = _model(name, impl, device, x, num_classes=10)
+    sizes = set()
+    handles = [m.register_forward_hook(lambda mod, inp, out: sizes.add(inp[0].shape[-2:].numel()))
+               for m in model.modules() if isinstance(m, AttentiveBatchNorm2d)]
+    with torch.no_grad():
+        batch = model(x)
+        singles = [model(x[i:i + 1]) for i in range(2)]
+        assert torch.isfinite(batch).all() and all(torch.isfinite(single).all() for single in singles)
+        # per sample in eval: compared in float64, as float32 convolutions of batch 1 and batch 4 round differently
+        # and a random network amplifies that (by 1e3 for MobileNetV2)
+        model64 = copy.deepcopy(model).double()
+        batch = model64(x.double())
+        for i in range(2):
+            torch.testing.assert_close(model64(x[i:i + 1].double()), batch[i:i + 1], rtol=1e-9, atol=1e-12)
+    for handle in handles:
+        handle.remove()
+    assert 1 in sizes
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), torch.arange(4, device=device))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
