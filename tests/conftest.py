@@ -18,6 +18,16 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 GOLDEN_DIR = Path(os.environ.get('AN_ZOO_GOLDEN_DIR', REPO_ROOT.parent / 'shared' / 'golden'))
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures('one_thread')``): small tensors gain
+    nothing from more, and on a busy machine OpenMP threads waiting for each other make each op ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

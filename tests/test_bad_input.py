@@ -53,14 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMG = 32
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: these small tensors gain nothing from more, and on a busy machine OpenMP threads
-    waiting for each other make each op ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _snapshot(path: Path) -> dict:

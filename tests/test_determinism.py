@@ -28,14 +28,7 @@ MODELS = ['an_resnet18_bn12', 'an_mobilenetv2_050']
 IMPLS = ['fast', 'reference']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: these small tensors gain nothing from more, and on a busy machine OpenMP threads
-    waiting for each other make each op ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def train_two_steps(name: str, impl: str, device: str = 'cpu', seed: int = 0):

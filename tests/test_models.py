@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 
 from an_zoo import AttentiveBatchNorm2d
+from helpers import calibrated
 from an_zoo._manifest import load_manifest
 
 MODELS = timm.list_models('an_*')
@@ -138,7 +139,7 @@ def test_torchscript(name):
     # TorchScript runs the reference AN code, eager the fast one: compared in float64, so that the check is about
     # the graph, not about float32 rounding amplified by a deep random network
     x = _input(size=32).double()  # float64 convolutions are slow on CPU: a small input
-    model = _calibrated(timm.create_model(name).double(), x)
+    model = calibrated(timm.create_model(name).double(), x)
     scripted = torch.jit.script(model)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-7, atol=1e-7)
@@ -155,15 +156,6 @@ def test_compile_fullgraph(name):
         torch.testing.assert_close(compiled(x), model(x))
 
 
-def _calibrated(model, x):
-    """Running statistics set from ``x`` (at init they are 0/1, and deep random nets in eval mode then amplify
-    float rounding differences layer after layer)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average: one pass sets the batch statistics
-    with torch.no_grad():
-        model.train()(x)
-    return model.eval()
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -171,7 +163,7 @@ def test_channels_last(name):
     # float64: the check is about memory-format handling, not about float32 summation order (AN's attention
     # statistic mean * rsqrt(var + 1e-3) of a tiny map amplifies it through a deep random network)
     x = _input(size=32).double()  # float64 convolutions are slow on CPU: a small input
-    model = _calibrated(timm.create_model(name).double(), x)
+    model = calibrated(timm.create_model(name).double(), x)
     with torch.no_grad():
         expected = model(x)
         model = model.to(memory_format=torch.channels_last)

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from an_zoo import AttentiveBatchNorm2d
+from helpers import calibrated
 from an_zoo.layers import instance_attention_stats
 from an_zoo.layers.fast_attentive_norm import instance_moments
 from test_layer import spec_forward
@@ -57,14 +58,7 @@ MODES = [('autocast', torch.float16), ('autocast', torch.bfloat16), ('cast', tor
 MODE_IDS = [f'{m}-{str(d)[6:]}' for m, d in MODES]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: these small tensors gain nothing from more, and on a busy machine OpenMP threads
-    waiting for each other make each op ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(autouse=True)
@@ -101,15 +95,6 @@ def _set_impl(model: nn.Module, impl: str) -> nn.Module:
     return model
 
 
-def _calibrated(model, x):
-    """Running statistics set from ``x`` (as tests/test_models.py): at init they are 0/1, which makes a deep random
-    network's eval outputs meaningless."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average: one pass sets the batch statistics
-    with torch.no_grad():
-        model.train()(x)
-    return model.eval()
 
 
 def _run_low(module, x, mode, dtype):
@@ -324,7 +309,7 @@ def test_reduced_precision_with_large_mean(impl, training, mode, dtype, device):
 def _model(name, impl, device, x, num_classes=1000):
     torch.manual_seed(0)
     model = _set_impl(timm.create_model(name, num_classes=num_classes), impl).to(device)
-    return _calibrated(model, x)
+    return calibrated(model, x)
 
 
 @pytest.mark.parametrize('device', DEVICES)

@@ -212,7 +212,10 @@ class AttentiveBatchNorm2d(nn.Module):
 
     def _attentive_norm(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not torch.jit.is_scripting() and self.impl == 'fast' and self._fast_supported():
+        # TorchScript (script and trace) records the reference ops: a custom autograd Function cannot be scripted,
+        # and a traced one fails trace checking with autograd on
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and self.impl == 'fast' \
+                and self._fast_supported():
             return self._fast(x)
         return self._reference(x)
 

@@ -1,0 +1,260 @@
+"""Export for inference: ONNX (dynamo exporter) checked in onnxruntime with a dynamic batch, torch.export, jit.trace,
+the folded-graph check, scripts/export.py, and the generated export matrix (export_status.json, README, model cards).
+
+Models are random inits made fit for parity checks (non-degenerate norm affines, calibrated running statistics:
+an_zoo.export.prepare_for_checks), at 64 px.
+"""
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import an_zoo
+from an_zoo import export as ex
+
+REPO = Path(__file__).resolve().parents[1]
+IMG = (3, 64, 64)
+sys.path.insert(0, str(REPO / 'scripts'))
+import export_matrix  # noqa: E402
+
+ONNX_MISSING = [m for m in ('onnx', 'onnxruntime', 'onnxscript') if importlib.util.find_spec(m) is None]
+needs_onnx = pytest.mark.skipif(bool(ONNX_MISSING), reason=f'ONNX export checks need {ONNX_MISSING} '
+                                                           f'(pip install "an_zoo[export]")')
+
+
+@functools.lru_cache(maxsize=None)
+def _state(name):
+    model = timm.create_model(name)
+    ex.prepare_for_checks(model, IMG)
+    return model.state_dict()
+
+
+def _model(name):
+    model = timm.create_model(name)
+    model.load_state_dict(_state(name))
+    return model.eval()
+
+
+def _tiny(act=False):
+    """conv -> AN (-> act) -> pool -> linear: a second-scale export for the graph-check cases."""
+    torch.manual_seed(0)
+    norm = an_zoo.AttentiveBatchNormAct2d(8, num_mixtures=3) if act else an_zoo.AttentiveBatchNorm2d(8, num_mixtures=3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    return ex.prepare_for_checks(model, (3, 16, 16))
+
+
+def _onnx_export(model, x, path, train=False):
+    """A raw dynamo export (no checks), for feeding the graph check hand-made cases."""
+    model.train(train)
+    with torch.no_grad():
+        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, external_data=False,
+                                    dynamic_shapes=({0: torch.export.Dim('batch')},))
+    program.save(str(path))
+    return path
+
+
+def _assert_onnx_matches(path, model, batch_size, seed=5):
+    x = ex.example_batch(batch_size, IMG, seed=seed)
+    with torch.no_grad():
+        ref = model(x)
+    out = torch.from_numpy(ex.onnxruntime_outputs(path, x)[0])
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=ex.TOLERANCES['float32'].bound(float(ref.abs().max())))
+
+
+def _assert_dynamic_and_folded(path, model):
+    import onnx
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == 'batch'
+    assert graph.output[0].type.tensor_type.shape.dim[0].dim_param == 'batch'
+    summary = ex.check_onnx_inference_graph(path, ex.an_layer_names(model), dynamic_batch=True)
+    assert summary['folded'] and summary['an_layers'] == len(ex.an_layer_names(model)) > 0
+    assert 'BatchNormalization' not in summary['op_counts']  # AN's standardization folded, plain BNs into convs
+
+
+@needs_onnx
+def test_onnx_dynamic_batch_parity_large_model(tmp_path):
+    """The large family member through the library (the small one goes through scripts/export.py below)."""
+    model = _model('an_resnet50')
+    result = ex.export_onnx(model, tmp_path / 'model.onnx', input_size=IMG)  # dynamo exporter, checked at batch 3
+    assert result.exporter == 'dynamo' and result.opset == 18
+    assert result.export_batch_size == 2 and result.check_batch_size == 3
+    assert result.max_abs_diff <= result.tolerance, result
+    assert result.graph['folded'] and result.graph['an_layers'] == 16
+    _assert_dynamic_and_folded(result.path, model)
+    _assert_onnx_matches(result.path, model, batch_size=1)  # a third batch size
+
+
+@needs_onnx
+def test_onnx_check_reports_the_difference(tmp_path, monkeypatch):
+    model = _tiny()
+    result = ex.export_onnx(model, tmp_path / 'tiny.onnx', input_size=(3, 16, 16))
+    assert result.max_abs_diff <= result.tolerance
+    real = ex.onnxruntime_outputs
+    monkeypatch.setattr(ex, 'onnxruntime_outputs', lambda path, x: [o + 0.5 for o in real(path, x)])
+    with pytest.raises(ex.ExportCheckError, match=r'max abs diff 0\.5') as err:
+        ex.export_onnx(model, tmp_path / 'tiny.onnx', input_size=(3, 16, 16))
+    assert err.value.max_abs_diff == pytest.approx(0.5, rel=1e-5) and err.value.tolerance < 0.5
+
+
+@needs_onnx
+def test_static_batch_and_torchscript_exporter(tmp_path):
+    import onnx
+    model = _tiny(act=True)
+    static = ex.export_onnx(model, tmp_path / 'static.onnx', input_size=(3, 16, 16), dynamic_batch=False)
+    assert static.check_batch_size == static.export_batch_size == 2
+    assert onnx.load(str(static.path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    with pytest.raises(ValueError, match='batch size'):
+        ex.export_onnx(model, tmp_path / 'x.onnx', input_size=(3, 16, 16), dynamic_batch=False, check_batch_size=3)
+    # the legacy exporter: the reference AN code (BatchNormalization in inference mode), checked the same way
+    legacy = ex.export_onnx(model, tmp_path / 'legacy.onnx', input_size=(3, 16, 16), exporter='torchscript')
+    assert legacy.opset == 17 and legacy.max_abs_diff <= legacy.tolerance
+    assert not legacy.graph['folded'] and legacy.graph['op_counts'].get('BatchNormalization')
+    assert model.training is False and all(m.impl == 'fast' for m in model.modules()
+                                           if isinstance(m, an_zoo.AttentiveBatchNorm2d))
+
+
+@needs_onnx
+@pytest.mark.filterwarnings('ignore:Exporting a model while it is in training mode')
+@pytest.mark.parametrize('act', [False, True])
+def test_graph_check_rejects_unfolded_and_training_graphs(act, tmp_path):
+    model = _tiny(act)
+    names = ex.an_layer_names(model)
+    x = ex.example_batch(2, (3, 16, 16))
+    good = ex.check_onnx_inference_graph(_onnx_export(model, x, tmp_path / 'good.onnx'), names, dynamic_batch=True)
+    assert good['folded'] and good['an_layers'] == 1
+    with pytest.raises(ex.ExportGraphError, match='static'):
+        ex.check_onnx_inference_graph(tmp_path / 'good.onnx', names, dynamic_batch=False)
+    # the reference code exported as is: standardization (BatchNormalization), then the per-sample affine
+    with ex.reference_an_layers(model):
+        unfolded = _onnx_export(model, x, tmp_path / 'reference.onnx')
+    with pytest.raises(ex.ExportGraphError, match=r"BatchNormalization inside the layer.*\n.*path is \['Add', "
+                                                  r"'BatchNormalization', 'Mul'\]"):
+        ex.check_onnx_inference_graph(unfolded, names)
+    # a training-mode graph: batch statistics
+    training = _onnx_export(model, x, tmp_path / 'train.onnx', train=True)
+    with pytest.raises(ex.ExportGraphError, match='reduces over the batch axis'):
+        ex.check_onnx_inference_graph(training, names, expect_folded=False)
+
+
+@pytest.mark.parametrize('name', ['an_mobilenetv2_050'])  # (ResNets: inside the ONNX tests' dynamo export)
+def test_torch_export_parity(name):
+    model = _model(name)
+    x, x_check = ex.example_batch(2, IMG, seed=1), ex.example_batch(3, IMG, seed=2)
+    result = ex.check_torch_export(model, x, x_check)  # dynamic batch: exported at 2, run at 3
+    assert result.ok, result.message
+    assert result.max_abs_diff <= result.tolerance
+
+
+def test_exported_program_check_rejects_training():
+    model = _tiny().train()
+    program = torch.export.export(model, (ex.example_batch(2, (3, 16, 16)),))
+    with pytest.raises(ex.ExportGraphError, match='buffers mutated'):
+        ex.check_exported_program_inference(program)
+    with torch.no_grad():
+        ex.check_exported_program_inference(torch.export.export(model.eval(), (ex.example_batch(2, (3, 16, 16)),)))
+
+
+def test_jit_trace_parity():
+    model = _model('an_resnet18_bn1')
+    result = ex.check_jit_trace(model, ex.example_batch(2, IMG, seed=1), ex.example_batch(3, IMG, seed=2))
+    assert result.ok, result.message
+
+
+def test_autocast_target_checks_every_an_layer():
+    model = _tiny()
+    result = ex.check_autocast(model, ex.example_batch(2, (3, 16, 16)), ex.example_batch(3, (3, 16, 16), seed=1),
+                               torch.bfloat16)
+    assert result.ok, result.message
+    assert result.details['an_layers_checked'] == 1 and result.details['logits_max_abs_diff'] >= 0
+    if not torch.cuda.is_available():
+        cuda = ex.check_autocast(model, None, None, torch.float16, 'cuda')
+        assert cuda.status == 'not measured' and cuda.message == 'not measured (no GPU)'
+
+
+@needs_onnx
+def test_export_script_self_check(tmp_path):
+    """The small family member: scripts/export.py with a checkpoint, its self-check, then the file itself."""
+    from safetensors.torch import save_file
+    checkpoint = tmp_path / 'weights.safetensors'
+    save_file(_state('an_resnet18_bn1'), str(checkpoint))
+    output = tmp_path / 'out' / 'an_resnet18_bn1.onnx'
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'scripts' / 'export.py'), 'an_resnet18_bn1', '--checkpoint', str(checkpoint),
+         '--output', str(output), '--img-size', '64'], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'self-check: onnxruntime (CPU) vs PyTorch at batch 3: max abs diff' in result.stdout
+    assert '8 AN layers folded to x * a + b' in result.stdout and 'batch axis dynamic' in result.stdout
+    model = _model('an_resnet18_bn1')
+    _assert_dynamic_and_folded(output, model)
+    _assert_onnx_matches(output, model, batch_size=1)
+    _assert_onnx_matches(output, model, batch_size=4)
+    missing = subprocess.run([sys.executable, str(REPO / 'scripts' / 'export.py'), 'an_resnet18_bn1',
+                              '--checkpoint', str(tmp_path / 'nope.pth'), '--output', str(output)],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert missing.returncode == 2 and 'checkpoint file not found' in missing.stderr
+
+
+def test_export_status_covers_the_registry():
+    status = ex.load_export_status(REPO / 'export_status.json')
+    problems = export_matrix.check_status(status, timm.list_models('an_*'))
+    assert not problems, '\n'.join(problems) + '\nrun python scripts/export_matrix.py --write'
+    # shipped with the package (an_zoo/export_status.json links to the repo's file)
+    assert ex.PACKAGED_STATUS.resolve().read_text() == (REPO / 'export_status.json').read_text()
+    for name, row in status['models'].items():
+        assert row['environment']['torch'] and row['date'], name
+        for target in ex.CUDA_TARGETS:
+            record = row['targets'][target]
+            if not row['environment']['gpu']:
+                assert record == {'target': target, 'status': 'not measured', 'message': 'not measured (no GPU)',
+                                  'max_abs_diff': None, 'tolerance': None, 'ref_max': None, 'seconds': None}
+
+
+def test_readme_export_matrix_is_generated():
+    text = (REPO / 'README.md').read_text(encoding='utf-8')
+    block = export_matrix.readme_block(text)
+    if block is None:
+        pytest.skip('README.md has no <!-- export-matrix:start --> ... <!-- export-matrix:end --> block yet')
+    status = ex.load_export_status(REPO / 'export_status.json')
+    assert block == ex.render_export_matrix(status), 'run python scripts/export_matrix.py --write'
+
+
+def test_matrix_render_and_model_card():
+    from an_zoo._card import model_card
+    from an_zoo._manifest import load_manifest
+    status = ex.load_export_status(REPO / 'export_status.json')
+    table = ex.render_export_matrix(status)
+    header = table.splitlines()[0]
+    assert all(label in header for label in ex.TARGET_LABELS.values())
+    assert all(f'| `{name}` |' in table for name in timm.list_models('an_*'))
+    entry = load_manifest()[0]
+    card = model_card(entry)
+    assert '## Export and precision status' in card
+    assert ex.render_model_status(status, entry.model) in card
+    assert '- ONNX + onnxruntime: ' in card and '- bf16 (CUDA): ' in card
+    assert 'not yet measured' in ex.render_model_status(None, entry.model)
+
+
+def test_matrix_check_mode(tmp_path):
+    """--check runs nothing: it compares the json with the registry and the README block with its rendering."""
+    status = json.loads((REPO / 'export_status.json').read_text())
+    path = tmp_path / 'status.json'
+    path.write_text(json.dumps(status))
+    readme = tmp_path / 'README.md'
+    readme.write_text('# x\n<!-- export-matrix:start -->\nstale\n<!-- export-matrix:end -->\n')
+    args = ['--check', '--status-file', str(path), '--readme', str(readme)]
+    assert export_matrix.main(args) == 1  # stale README block
+    assert export_matrix.main(['--update-readme', '--status-file', str(path), '--readme', str(readme)]) == 0
+    assert readme.read_text().startswith('# x\n<!-- export-matrix:start -->\n| model |')
+    assert export_matrix.main(args) == 0
+    del status['models'][next(iter(status['models']))]
+    path.write_text(json.dumps(status))
+    assert export_matrix.main(args) == 1  # a registered model without a row
