@@ -34,10 +34,11 @@ def test_two_process_sync_bn_equals_one_process_on_the_whole_batch(model_name, t
     # train-mode outputs depend on the batch statistics: equal only if both processes used the global ones
     torch.testing.assert_close(torch.cat([r['out'] for r in ranks]), out.detach(), atol=1e-9, rtol=1e-7)
     # per tensor, relative to its norm: random-init AN-MobileNetV2 is ill-conditioned enough that float64 summation
-    # order alone moves some gradients by ~3e-8 relative; a missing synchronisation moves them by O(1)
+    # order alone moves some gradients by ~3e-8 relative, and gradients that are 0 analytically come out as ~1e-12
+    # noise; a missing synchronisation moves them by O(1)
     for rank in ranks:
         for kind, reference_tensors in (('grads', {n: p.grad for n, p in reference.named_parameters()}),
                                         ('buffers', dict(reference.named_buffers()))):
             for name, expected in reference_tensors.items():
                 error = (rank[kind][name].double() - expected.double()).norm()
-                assert error <= 1e-6 * expected.double().norm() + 1e-12, f'{kind} {name}: |diff| {error:.3g}'
+                assert error <= 1e-6 * expected.double().norm() + 1e-9, f'{kind} {name}: |diff| {error:.3g}'
