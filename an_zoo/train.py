@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -308,9 +309,8 @@ class _Subset(torch.utils.data.Dataset):
 
 
 def _num_classes(dataset: torch.utils.data.Dataset) -> int:
-    for attr in ('classes',):
-        if getattr(dataset, attr, None) is not None:
-            return len(getattr(dataset, attr))
+    if getattr(dataset, 'classes', None) is not None:
+        return len(dataset.classes)
     reader = getattr(dataset, 'reader', None)
     if reader is not None and getattr(reader, 'class_to_idx', None):
         return len(reader.class_to_idx)
@@ -624,8 +624,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             state = dict(args=_plain(vars(args)), num_updates=num_updates, history=history, best=best)
             save_checkpoint(out_dir, epoch, model, ema, optimizer, scaler, state)
             if best['epoch'] == epoch:
-                from shutil import copyfile
-                _atomic_write(out_dir / 'best.safetensors', lambda p: copyfile(
+                _atomic_write(out_dir / 'best.safetensors', lambda p: shutil.copyfile(
                     out_dir / f'{CHECKPOINT_PREFIX}{epoch}.safetensors', p))
             _prune_checkpoints(out_dir, args.checkpoint_hist)
             write_logs(out_dir, history)

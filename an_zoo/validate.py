@@ -334,12 +334,11 @@ def validate(
 def record_measurement(name: str, measured: Dict[str, Any], path: Optional[Union[str, Path]] = None) -> Any:
     """Merge ``measured`` into the ``measured`` field of manifest entry ``'arch.tag'`` (validated before writing).
 
-    ``path`` defaults to ``AN_ZOO_MANIFEST`` or the packaged manifest; symlinks are followed, so the file written is
-    the real manifest, not a replacement of the link. Returns the updated :class:`~an_zoo._manifest.WeightEntry`.
+    ``path`` defaults to ``AN_ZOO_MANIFEST`` or the packaged manifest (``update_entry`` follows its symlink and writes
+    the real file). Returns the updated :class:`~an_zoo._manifest.WeightEntry`.
     """
-    from ._manifest import manifest_path, update_entry
-    file = Path(path or manifest_path()).resolve()
-    return update_entry(name, path=file, measured=dict(measured))
+    from ._manifest import update_entry
+    return update_entry(name, path=path, measured=dict(measured))
 
 
 def _check_manifest_target(name: str, model: Optional[str], args: argparse.Namespace) -> str:

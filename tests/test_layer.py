@@ -33,8 +33,9 @@ def spec_forward(layer: AttentiveBatchNorm2d, x: torch.Tensor, training: bool) -
     return gamma[:, :, None, None] * x_hat + beta[:, :, None, None]
 
 
-def _layer(c=16, k=5):
-    layer = AttentiveBatchNorm2d(c, num_mixtures=k)
+def layer_with_statistics(c=16, k=5, **kwargs):
+    """An AN layer with non-trivial running statistics and attention affine (shared with test_numerics)."""
+    layer = AttentiveBatchNorm2d(c, num_mixtures=k, **kwargs)
     with torch.no_grad():  # non-trivial statistics and attention BN affine
         layer.norm.running_mean.uniform_(-0.5, 0.5)
         layer.norm.running_var.uniform_(0.5, 2.0)
@@ -47,7 +48,7 @@ def _layer(c=16, k=5):
 @pytest.mark.parametrize('training', [True, False])
 @pytest.mark.parametrize('hw', [(7, 5), (1, 1), (2, 1)])
 def test_matches_spec(training, hw):
-    layer = _layer().train(training)
+    layer = layer_with_statistics().train(training)
     x = torch.randn(6, 16, *hw) * 2 + 0.3
     expected = spec_forward(layer, x, training)
     out = layer(x)
@@ -56,7 +57,7 @@ def test_matches_spec(training, hw):
 
 
 def test_running_stats_follow_batchnorm():
-    layer = _layer()
+    layer = layer_with_statistics()
     reference = nn.BatchNorm2d(16, affine=False)
     reference.load_state_dict(layer.norm.state_dict())
     x = torch.randn(4, 16, 6, 6)
@@ -71,7 +72,7 @@ def test_single_position_is_defined():
     x = torch.randn(4, 16, 1, 1)
     s = instance_attention_stats(x)
     torch.testing.assert_close(s, x * (1e-3) ** -0.5)
-    layer = _layer()
+    layer = layer_with_statistics()
     out = layer(x)
     assert torch.isfinite(out).all()
     out.sum().backward()
@@ -79,7 +80,7 @@ def test_single_position_is_defined():
 
 
 def test_batch_of_one_training_raises_like_batchnorm():
-    layer = _layer().train()
+    layer = layer_with_statistics().train()
     with pytest.raises(ValueError, match='Expected more than 1 value per channel when training'):
         layer(torch.randn(1, 16, 4, 4))
     layer.eval()
@@ -87,7 +88,7 @@ def test_batch_of_one_training_raises_like_batchnorm():
 
 
 def test_bad_input_rank_and_channels():
-    layer = _layer()
+    layer = layer_with_statistics()
     with pytest.raises(ValueError, match='4D'):
         layer(torch.randn(2, 16, 4))
     with pytest.raises(ValueError, match='8 channels'):
@@ -107,7 +108,7 @@ def test_parameter_count_and_init():
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_autocast_statistics_in_float32(dtype):
-    layer = _layer()
+    layer = layer_with_statistics()
     x = torch.randn(4, 16, 8, 8) * 1e3  # float16 sums of squares would overflow
     with torch.autocast('cpu', dtype=dtype):
         out = layer(x.to(dtype))
@@ -119,7 +120,7 @@ def test_autocast_statistics_in_float32(dtype):
 
 
 def test_channels_last():
-    layer = _layer()
+    layer = layer_with_statistics()
     x = torch.randn(4, 16, 6, 5)
     out = layer(x.to(memory_format=torch.channels_last))
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -134,7 +135,7 @@ def _layer_copy(layer):
 
 @pytest.mark.parametrize('training', [True, False])
 def test_compile_fullgraph(training):
-    layer = _layer().train(training)
+    layer = layer_with_statistics().train(training)
     x = torch.randn(4, 16, 6, 6, requires_grad=True)
     expected = _layer_copy(layer)(x)
     compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
@@ -145,7 +146,7 @@ def test_compile_fullgraph(training):
 
 
 def test_torchscript():
-    layer = _layer().eval()
+    layer = layer_with_statistics().eval()
     x = torch.randn(2, 16, 5, 5)
     scripted = torch.jit.script(layer)
     torch.testing.assert_close(scripted(x), layer(x))
@@ -153,8 +154,8 @@ def test_torchscript():
         scripted(torch.randn(2, 16, 5))
 
 
-def test_frozen_layer():
-    layer = _layer()
+def test_frozenlayer_with_statistics():
+    layer = layer_with_statistics()
     keys = set(layer.state_dict())
     frozen = _layer_copy(layer).freeze().train()
     assert frozen.frozen and set(frozen.state_dict()) == keys and 'frozen=True' in repr(frozen)

@@ -40,7 +40,7 @@ from an_zoo import AttentiveBatchNorm2d
 from helpers import calibrated
 from an_zoo.layers import instance_attention_stats
 from an_zoo.layers.fast_attentive_norm import instance_moments
-from test_layer import spec_forward
+from test_layer import layer_with_statistics, spec_forward
 
 LAYER_TOL = {
     'fast': {torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2},
@@ -78,14 +78,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _layer(impl, device, c=16, k=5, training=True):
-    layer = AttentiveBatchNorm2d(c, num_mixtures=k, impl=impl)
-    with torch.no_grad():  # non-trivial running statistics and attention affine
-        layer.norm.running_mean.uniform_(-0.5, 0.5)
-        layer.norm.running_var.uniform_(0.5, 2.0)
-        layer.attn.bn.weight.uniform_(0.5, 1.5)
-        layer.attn.bn.bias.uniform_(-0.5, 0.5)
-        layer.attn.bn.running_var.uniform_(0.5, 2.0)
-    return layer.to(device).train(training)
+    return layer_with_statistics(c, k, impl=impl).to(device).train(training)
 
 
 def _set_impl(model: nn.Module, impl: str) -> nn.Module:
