@@ -41,7 +41,7 @@ def _resolve(name: str) -> WeightEntry:
     """``arch.tag`` or ``arch`` (its published weight, if exactly one) -> manifest entry."""
     entry = weight_entry(name)
     if entry is None:
-        candidates = [e for e in load_manifest() if e.model == name and e.published]
+        candidates = [e for e in load_manifest() if name in e.architectures and e.published]
         if len(candidates) != 1:
             known = ', '.join(e.name + ('' if e.published else ' (not published)') for e in load_manifest())
             names = sorted({e.name for e in load_manifest()} | {e.model for e in load_manifest()})
@@ -65,7 +65,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     for entry in load_manifest():
         state = 'published' if entry.published else 'not published'
         cached = entry.published and _cached_path(entry, cache_dir) is not None
-        print(f'{entry.name:45s} {state:14s} {"cached" if cached else ""}')
+        aliases = ', '.join(f'{a}.{entry.tag}' for a in entry.aliases)
+        print(f'{entry.name:45s} {state:14s} {"cached" if cached else "":6s} {f"(also {aliases})" if aliases else ""}'
+              .rstrip())
     return 0
 
 

@@ -30,23 +30,44 @@ def hub_config(entry: WeightEntry, pretrained_cfg: Dict[str, Any], num_features:
     }
 
 
+def _model_index(entry: WeightEntry) -> str:
+    """HF ``model-index``: one result per evaluation set with reported and / or measured top-1 / top-5."""
+    from .eval_sets import EVAL_SETS
+    results = []
+    for eval_set in EVAL_SETS.values():
+        metrics = [f'      - type: {metric}\n        value: {value}\n        name: {metric} accuracy ({kind})'
+                   for kind, block in (('reported', entry.reported['results']), ('measured', entry.measured))
+                   for metric in ('top1', 'top5')
+                   if (value := block.get(eval_set.name, {}).get(metric)) is not None]
+        if metrics:
+            results.append('  - task:\n      type: image-classification\n'
+                           f'    dataset:\n      name: {eval_set.description}\n      type: {eval_set.name}\n'
+                           '    metrics:\n' + '\n'.join(metrics))
+    if not results:
+        return ''
+    return f'model-index:\n- name: {entry.name}\n  results:\n' + '\n'.join(results)
+
+
+def _results_table(entry: WeightEntry) -> str:
+    """Markdown table of the reported and measured top-1 / top-5 per evaluation set."""
+    from .eval_sets import EVAL_SETS
+    rows = ['| evaluation set | reported top-1 / top-5 (%) | as published | measured top-1 / top-5 (%) |',
+            '|---|---|---|---|']
+    for name in EVAL_SETS:
+        reported = entry.reported['results'].get(name, {})
+        measured = entry.measured.get(name, {})
+        if not reported and not measured:
+            continue
+        rep = f'{reported.get("top1")} / {reported.get("top5")}' if reported else '—'
+        mea = f'{measured.get("top1")} / {measured.get("top5")}' if measured else 'not yet measured'
+        rows.append(f'| {name} | {rep} | {reported.get("as_published", "—")} | {mea} |')
+    return '\n'.join(rows) + f'\n\nReported: {entry.reported["source"]}.'
+
+
 def model_card(entry: WeightEntry) -> str:
     """The Hub model card: YAML metadata (library_name timm, license, tags, datasets, arxiv, model-index) + text."""
     lic = entry.license
-    top1 = entry.reported.get('top1')
-    metrics = [f'      - type: top1\n        value: {top1}\n        name: top-1 accuracy (reported)'] if top1 else []
-    measured = entry.measured
-    if measured.get('top1') is not None:
-        metrics.append(f'      - type: top1\n        value: {measured["top1"]}\n        name: top-1 accuracy (measured)')
-    model_index = ''
-    if metrics:
-        model_index = (
-            'model-index:\n'
-            f'- name: {entry.name}\n'
-            '  results:\n'
-            '  - task:\n      type: image-classification\n'
-            f'    dataset:\n      name: ImageNet-1k (val)\n      type: {entry.reported.get("dataset", "imagenet-1k")}\n'
-            '    metrics:\n' + '\n'.join(metrics) + '\n')
+    model_index = _model_index(entry)
     license_yaml = f'license: {lic["id"]}\n'
     if lic['id'] == 'other':
         license_yaml += f'license_name: {lic["name"].lower().replace(" ", "-")}\nlicense_link: {lic["link"]}\n'
@@ -57,12 +78,13 @@ def model_card(entry: WeightEntry) -> str:
         'datasets:', '- imagenet-1k', f'arxiv: {prov["paper_id"].split(":")[-1]}', 'pipeline_tag: image-classification',
     ]
     if model_index:
-        lines.append(model_index.rstrip('\n'))
+        lines.append(model_index)
+    aliases = (f' The same weights load into {", ".join(f"`{a}`" for a in entry.aliases)}.' if entry.aliases else '')
     lines += [
         '---', '', f'# {entry.name}', '',
         f'Attentive Normalization {entry.model} ([arXiv:1908.01259](https://arxiv.org/abs/1908.01259)), '
         f'{prov.get("recipe", "")}. Weights converted from the official release ({prov["origin_url"]}, '
-        f'{prov["layout"]} layout) by an_zoo.', '',
+        f'{prov["layout"]} layout, "{prov.get("official_name", entry.name)}") by an_zoo.{aliases}', '',
         '## Usage', '', '```python', 'import timm, an_zoo', f'model = timm.create_model("{entry.name}", pretrained=True)',
         '```', '', '## Facts', '',
         f'- parameters: {entry.num_params:,}' if entry.num_params else '- parameters: (not yet converted)',
@@ -70,9 +92,9 @@ def model_card(entry: WeightEntry) -> str:
         f'mean {entry.data["mean"]}, std {entry.data["std"]}',
         f'- file: `{entry.filename}`, sha256 `{entry.sha256}`, {entry.size} bytes'
         + (f', Hub revision `{entry.revision}`' if entry.revision else ''),
-        f'- reported top-1: {top1} ({entry.reported.get("source", "")})',
-        f'- measured: {json.dumps(measured) if measured else "not yet measured"}',
-        f'- official file: {prov.get("official_file")} (sha256 {prov.get("official_sha256")})', '',
+        f'- official file: {prov.get("official_file")} (sha256 {prov.get("official_sha256")}), released at '
+        f'{prov.get("official_url")}', '',
+        '## Results', '', _results_table(entry), '',
         '## Export and precision status', '',
         _export_status(entry.model), '',
         '## License', '',

@@ -16,6 +16,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 __all__ = ['ManifestError', 'WeightEntry', 'load_manifest', 'pretrained_cfgs', 'weight_entry', 'manifest_path',
            'update_entry', 'CODE_LICENSE']
 
+# the evaluation set a weight's headline number refers to
+PRIMARY_EVAL_SET = 'imagenet-1k'
+
 PACKAGED_MANIFEST = Path(__file__).with_name('weights_manifest.json')
 CODE_LICENSE = 'apache-2.0'  # license of the an_zoo code; architecture-only cfgs carry it
 _TOP_REQUIRED = ('format_version', 'defaults', 'licenses', 'weights')
@@ -50,10 +53,23 @@ class WeightEntry:
     reported: Dict[str, Any]
     measured: Dict[str, Any]
     data: Dict[str, Any] = field(default_factory=dict)  # input_size, crop_pct, ... after defaults are applied
+    aliases: Tuple[str, ...] = ()  # other architectures (same network under another name) these weights load into
 
     @property
     def name(self) -> str:
         return f'{self.model}.{self.tag}'
+
+    @property
+    def architectures(self) -> Tuple[str, ...]:
+        return (self.model,) + self.aliases
+
+    def reported_result(self, eval_set: str = PRIMARY_EVAL_SET, metric: str = 'top1') -> Optional[float]:
+        """The published ``metric`` (percent) on ``eval_set``, or None when the release gives none."""
+        return self.reported['results'].get(eval_set, {}).get(metric)
+
+    def measured_result(self, eval_set: str = PRIMARY_EVAL_SET, metric: str = 'top1') -> Optional[float]:
+        """The ``metric`` an_zoo measured on ``eval_set`` (``python -m an_zoo.validate``), or None."""
+        return self.measured.get(eval_set, {}).get(metric)
 
 
 def manifest_path() -> Path:
@@ -68,8 +84,31 @@ def _require(mapping: Any, keys: Iterable[str], where: str, path: Path) -> None:
         raise ManifestError(f'{path}: {where} is missing required field(s) {missing}')
 
 
+def _check_results(results: Any, where: str, path: Path) -> None:
+    """``{eval set: {'top1': %, 'top5': %, ...}}`` over the known evaluation sets."""
+    from .eval_sets import EVAL_SETS
+    if not isinstance(results, Mapping):
+        raise ManifestError(f'{path}: {where} must be an object keyed by evaluation set, got {type(results).__name__}')
+    for eval_set, metrics in results.items():
+        if eval_set not in EVAL_SETS:
+            raise ManifestError(f'{path}: {where} names unknown evaluation set {eval_set!r}; known: {list(EVAL_SETS)}')
+        if not isinstance(metrics, Mapping):
+            raise ManifestError(f'{path}: {where}.{eval_set} must be an object, got {type(metrics).__name__}')
+        for metric in ('top1', 'top5'):
+            value = metrics.get(metric)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value <= 100):
+                raise ManifestError(f'{path}: {where}.{eval_set}.{metric} must be a percentage, got {value!r}')
+
+
 def _check_entry(item: Mapping[str, Any], where: str, path: Path, licenses: Mapping[str, Any]) -> None:
     _require(item, _ENTRY_REQUIRED, where, path)
+    aliases = item.get('aliases', [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise ManifestError(f'{path}: {where}.aliases must be a list of architecture names, got {aliases!r}')
+    _require(item['reported'], ('source', 'results'), f'{where}.reported', path)
+    _check_results(item['reported']['results'], f'{where}.reported.results', path)
+    _check_results(item['measured'], f'{where}.measured', path)
     if item['license'] not in licenses:
         raise ManifestError(f'{path}: {where} names license {item["license"]!r}, not defined under "licenses"')
     _require(item['provenance'], _PROVENANCE_REQUIRED, f'{where}.provenance', path)
@@ -104,10 +143,11 @@ def _parse(raw: Dict[str, Any], path: Path) -> Tuple[Dict[str, Any], Tuple[Weigh
             revision=item['revision'], filename=item['filename'], sha256=item['sha256'], size=item['size'],
             num_params=item['num_params'], license=dict(raw['licenses'][item['license']]),
             provenance=dict(item['provenance']), reported=dict(item['reported']), measured=dict(item['measured']),
-            data={k: item.get(k, defaults[k]) for k in _DATA_FIELDS},
+            data={k: item.get(k, defaults[k]) for k in _DATA_FIELDS}, aliases=tuple(item.get('aliases', ())),
         )
-        if entry.name in {e.name for e in entries}:
-            raise ManifestError(f'{path}: {where} is listed twice')
+        taken = {f'{arch}.{e.tag}' for e in entries for arch in e.architectures}
+        if any(f'{arch}.{entry.tag}' in taken for arch in entry.architectures):
+            raise ManifestError(f'{path}: {where} is listed twice (as an entry or an alias)')
         entries.append(entry)
     return defaults, tuple(entries)
 
@@ -137,8 +177,9 @@ def load_manifest(path: Optional[Path] = None) -> Tuple[WeightEntry, ...]:
 
 
 def weight_entry(name: str, path: Optional[Path] = None) -> Optional[WeightEntry]:
-    """The manifest entry for ``'arch.tag'``, or None."""
-    return next((e for e in load_manifest(path) if e.name == name), None)
+    """The manifest entry for ``'arch.tag'`` (``arch`` may be one of the entry's aliases), or None."""
+    arch, _, tag = name.partition('.')
+    return next((e for e in load_manifest(path) if e.tag == tag and arch in e.architectures), None)
 
 
 def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[Path] = None) -> Dict[str, Dict]:
@@ -148,8 +189,9 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
         architectures: Architecture name -> structural cfg fields (``first_conv``, ``classifier``, ``pool_size``...).
 
     Every architecture gets one cfg per manifest weight (published ones carry ``hf_hub_id``, so timm counts them as
-    pretrained); an architecture without weights gets one untagged, weightless cfg so that ``timm.create_model``
-    still knows its preprocessing and head.
+    pretrained), its aliases' weights included; an architecture without weights gets one untagged, weightless cfg so
+    that ``timm.create_model`` still knows its preprocessing and head. timm makes the first tag the default: published
+    weights come first, then the most accurate (reported ImageNet-1k top-1).
     """
     defaults, entries = _load(path)
     common = dict(
@@ -159,9 +201,8 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
     )
     cfgs: Dict[str, Dict[str, Any]] = {}
     for arch, structural in architectures.items():
-        arch_entries = [e for e in entries if e.model == arch]
-        # published weights first: timm makes the first tag with weights the architecture's default
-        for entry in sorted(arch_entries, key=lambda e: not e.published):
+        arch_entries = [e for e in entries if arch in e.architectures]
+        for entry in sorted(arch_entries, key=lambda e: (not e.published, -(e.reported_result() or 0.0))):
             cfg = dict(common, **structural)
             cfg.update(
                 input_size=tuple(entry.data['input_size']), crop_pct=entry.data['crop_pct'],
@@ -175,7 +216,7 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
             )
             if entry.published:
                 cfg.update(hf_hub_id=entry.hf_hub_id, hf_hub_filename=entry.filename)
-            cfgs[entry.name] = cfg
+            cfgs[f'{arch}.{entry.tag}'] = cfg
         if not arch_entries:
             cfgs[arch] = dict(common, **structural, license=CODE_LICENSE,
                               origin_url='https://github.com/an-zoo/an_zoo',
@@ -184,14 +225,15 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
 
 
 def update_entry(name: str, path: Optional[Path] = None, **fields: Any) -> WeightEntry:
-    """Set top-level fields of the entry ``'arch.tag'`` (``provenance`` / ``measured`` are merged) and rewrite the
-    manifest; the result is validated before anything is written."""
+    """Set top-level fields of the entry ``'arch.tag'`` (``provenance`` and ``measured``, which is keyed by evaluation
+    set, are merged) and rewrite the manifest; the result is validated before anything is written."""
     # resolved: the packaged manifest is a symlink to the repo's, and os.replace on the link would swap out the
     # link itself and leave the real file unchanged
     file = Path(path or manifest_path()).resolve()
     raw = json.loads(file.read_text(encoding='utf-8'))
     names = [f'{w["model"]}.{w["tag"]}' for w in raw['weights']]
-    items = [w for w, n in zip(raw['weights'], names) if n == name]
+    arch, _, tag = name.partition('.')
+    items = [w for w in raw['weights'] if w['tag'] == tag and arch in [w['model'], *w.get('aliases', [])]]
     if not items:
         raise ManifestError(f'{file}: no entry {name!r}; known: {names}')
     for key, value in fields.items():

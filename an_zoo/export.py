@@ -29,6 +29,7 @@ The ``check_*`` functions (one per target of ``scripts/export_matrix.py``) never
 """
 import ast
 import contextlib
+import copy
 import math
 import os
 import platform
@@ -700,8 +701,19 @@ def _timed(target: str, fn: Callable[[], TargetResult]) -> TargetResult:
     return result
 
 
-def _fp32_tol() -> Tolerance:
-    return TOLERANCES['float32']
+@torch.no_grad()
+def _fp32_tol(model: nn.Module, x: torch.Tensor) -> Tolerance:
+    """The float32 tolerance, widened where the model's own float32 forward is further than that from the exact
+    result: its rtol is at least 4x ``max|f32 - f64| / max|f64|`` of the eval forward on ``x`` (a rewrite of the
+    computation cannot be asked to agree with eager float32 more closely than eager float32 agrees with float64;
+    deep randomly initialised networks can amplify rounding far beyond the usual 1e-3)."""
+    tol = TOLERANCES['float32']
+    exact = copy.deepcopy(model).double().eval()(x.double())
+    ours = model.eval()(x)
+    exact, ours = _outputs(exact), _outputs(ours)
+    floor = max(float((o.double() - e).abs().max()) for o, e in zip(ours, exact))
+    scale = max(float(e.abs().max()) for e in exact) or 1.0
+    return Tolerance(rtol=max(tol.rtol, 4 * floor / scale), atol=tol.atol)
 
 
 def _result(target: str, measured: Tuple[float, float, float], **details: Any) -> TargetResult:
@@ -730,7 +742,7 @@ def check_compile_fullgraph(model: nn.Module, x: torch.Tensor, x_check: torch.Te
         with torch.no_grad():
             reference = _outputs(model(x_check))
             measured = _check_close(f'torch.compile({backend})', _outputs(compiled(x_check)), reference,
-                                    _fp32_tol())
+                                    _fp32_tol(model, x_check))
         torch._dynamo.reset()
         return _result('compile_fullgraph', measured, backend=backend, train_capture='aot_eager')
     return _timed('compile_fullgraph', run)
@@ -746,9 +758,10 @@ def check_onnx(model: nn.Module, x: torch.Tensor, x_check: torch.Tensor, exporte
         return TargetResult('onnx_ort', 'not measured', f'not installed: {", ".join(missing)}')
 
     def run() -> TargetResult:
+        tol = _fp32_tol(model, x_check)
         with tempfile.TemporaryDirectory() as tmp:
             res = export_onnx(model, Path(tmp) / 'model.onnx', input_size=tuple(x.shape[1:]), opset=opset,
-                              exporter=exporter, batch_size=x.shape[0], check_input=x_check)
+                              exporter=exporter, batch_size=x.shape[0], check_input=x_check, rtol=tol.rtol)
         return _result('onnx_ort', (res.max_abs_diff, res.tolerance, res.ref_max), exporter=exporter,
                        opset=res.opset, folded=res.graph.get('folded', False),
                        batch=f'{res.export_batch_size}->{res.check_batch_size}')
@@ -764,7 +777,7 @@ def check_torch_export(model: nn.Module, x: torch.Tensor, x_check: torch.Tensor)
             program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))
             check_exported_program_inference(program)
             measured = _check_close('torch.export', _outputs(program.module()(x_check)), _outputs(model(x_check)),
-                                    _fp32_tol())
+                                    _fp32_tol(model, x_check))
         return _result('torch_export', measured)
     return _timed('torch_export', run)
 
@@ -778,7 +791,7 @@ def check_jit_script(model: nn.Module, x: torch.Tensor, x_check: torch.Tensor) -
             scripted = torch.jit.script(model)
         with torch.no_grad():
             measured = _check_close('torch.jit.script', _outputs(scripted(x_check)), _outputs(model(x_check)),
-                                    _fp32_tol())
+                                    _fp32_tol(model, x_check))
         return _result('jit_script', measured)
     return _timed('jit_script', run)
 
@@ -792,7 +805,7 @@ def check_jit_trace(model: nn.Module, x: torch.Tensor, x_check: torch.Tensor) ->
             warnings.simplefilter('ignore', FutureWarning)  # PyTorch's deprecation notice of TorchScript
             traced = torch.jit.trace(model, (x,))
             measured = _check_close('torch.jit.trace', _outputs(traced(x_check)), _outputs(model(x_check)),
-                                    _fp32_tol())
+                                    _fp32_tol(model, x_check))
         return _result('jit_trace', measured)
     return _timed('jit_trace', run)
 
@@ -808,7 +821,7 @@ def check_channels_last(model: nn.Module, x: torch.Tensor, x_check: torch.Tensor
                 out = _outputs(model(x_check.to(memory_format=torch.channels_last)))
             finally:
                 model.to(memory_format=torch.contiguous_format)
-            measured = _check_close('channels_last', out, reference, _fp32_tol())
+            measured = _check_close('channels_last', out, reference, _fp32_tol(model, x_check))
         return _result('channels_last', measured)
     return _timed('channels_last', run)
 
@@ -1009,7 +1022,9 @@ def render_export_matrix(status: Dict[str, Any]) -> str:
         f'Cells: ✅ and the measured max abs difference from eager float32 PyTorch, or ❌. Inputs '
         f'{settings.get("img_size")} px, traced / exported at batch {settings.get("export_batch")} and checked at '
         f'batch {settings.get("check_batch")} (dynamic batch axis); randomly initialised weights with calibrated '
-        f'running statistics. Tolerances: {tol_text}. torch.compile: training step captured with fullgraph '
+        f'running statistics. Tolerances: {tol_text}; the float32 rtol is raised to 4x the model\'s own float32 '
+        f'rounding (max|eager float32 - eager float64| / max|ref|) where that is larger (deep random networks, e.g. '
+        f'AOGNet-40M at 64 px). torch.compile: training step captured with fullgraph '
         f'(`aot_eager`), inference with the `{settings.get("compile_backend")}` backend. ONNX: '
         f'`{settings.get("onnx_exporter")}` exporter, opset {settings.get("opset")}, onnxruntime CPU, graph checked '
         f'to be the folded inference form. jit.trace under `torch.no_grad()`. bf16 / fp16: autocast; each AN layer '

@@ -1,18 +1,21 @@
-"""Measure top-1 / top-5 accuracy and loss of an an_zoo model on an ImageFolder (e.g. the ImageNet-1k val set).
+"""Measure top-1 / top-5 accuracy and loss of an an_zoo model on the ImageNet evaluation sets (:mod:`an_zoo.eval_sets`).
 
     python -m an_zoo.validate /data/imagenet/val --model an_resnet50 --checkpoint resnet50_an.pth.tar
-    python -m an_zoo.validate /data/imagenet/val --model an_resnet50.aog_e120_in1k --pretrained
-    python -m an_zoo.validate /data/imagenet/val --checkpoint resnet50_an.pth.tar \\
-        --update-manifest an_resnet50.aog_e120_in1k      # write the "measured" block of that manifest entry
+    python -m an_zoo.validate /data/imagenet-a --eval-set imagenet-a --model an_resnet50.aog_e120_in1k --pretrained
+    python -m an_zoo.validate --eval-root /data/eval --checkpoint resnet50_an.pth.tar \\
+        --update-manifest an_resnet50.aog_e120_in1k      # every set under /data/eval -> the entry's "measured" block
 
-The folder holds one sub-folder per class (ImageNet: the 1000 synset folders, e.g. prepared with valprep.sh); classes
-are numbered in sorted folder-name order, which for ImageNet synsets is the standard 1000-class index order. Images
-are preprocessed as the model's ``pretrained_cfg`` says (resize to ``img_size / crop_pct``, center crop, mean / std),
-unless ``--img-size`` / ``--crop-pct`` / ``--interpolation`` override it.
+A single folder is one evaluation set (``--eval-set``, default ``imagenet-1k``), one sub-folder per class: synset
+folders numbered in sorted order (the standard 1000-class index order), ImageNetV2's index-named folders labelled
+``int(name)``, ImageNet-A / -O scored on the logits of their synsets only; ``imagenet-1k-reassessed`` scores the
+ImageNet-1k val images against the ReaL labels (timm's copy, or ``--real-labels real.json``). ``--eval-root DIR``
+evaluates every set found as ``DIR/<set name>``, and the reassessed score from ``DIR/imagenet-1k`` in the same pass.
+Images are preprocessed as the model's ``pretrained_cfg`` says (resize to ``img_size / crop_pct``, center crop,
+mean / std), unless ``--img-size`` / ``--crop-pct`` / ``--interpolation`` override it.
 
-The result (printed as JSON, optionally written with ``--results-json``) is exactly the dict the weights manifest's
-``measured`` field takes: ``--update-manifest ARCH.TAG`` merges it into that entry of ``weights_manifest.json`` (or the
-file ``AN_ZOO_MANIFEST`` names), validated before it is written.
+The result (printed as JSON, optionally written with ``--results-json``) is what the weights manifest's ``measured``
+block holds per evaluation set: ``--update-manifest ARCH.TAG`` merges each measured set into that entry of
+``weights_manifest.json`` (or the file ``AN_ZOO_MANIFEST`` names), validated before it is written.
 """
 import argparse
 import datetime
@@ -20,28 +23,24 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .eval_sets import (EVAL_SETS, REAL_SET, RealScorer, ValidationError, find_eval_sets, get_eval_set,
+                        open_eval_folder, real_targets)
 from .hub import sha256_file
 
-__all__ = ['ValidationError', 'evaluate', 'validate', 'record_measurement', 'main']
+__all__ = ['ValidationError', 'evaluate', 'validate', 'validate_many', 'record_measurement', 'main']
 
 _logger = logging.getLogger(__name__)
 
 _AMP_DTYPES = {'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16, 'float16': torch.float16, 'fp16': torch.float16}
-_SYNSET = re.compile(r'^n\d{8}$')
 _GENERIC_SPLIT_NAMES = {'val', 'validation', 'test', 'eval'}
-
-
-class ValidationError(ValueError):
-    """The validation run cannot be done as asked; the message says why and what to do."""
 
 
 def _hardware(device: torch.device) -> str:
@@ -102,25 +101,6 @@ def _expected_classes(model: str, num_classes: Optional[int]) -> Optional[int]:
     return cfg.num_classes if cfg is not None else None
 
 
-def _check_class_count(root: Path, classes: List[str], model: str, net_classes: Optional[int],
-                       warn: bool = True) -> None:
-    """Refuse a folder whose class count differs from the model's (labels would not mean the model's classes)."""
-    if net_classes is None:
-        return
-    if len(classes) != net_classes:
-        hint = ('For ImageNet-1k, point at the validation folder with the 1000 synset sub-folders (val images sorted '
-                'into class folders, e.g. with valprep.sh), not at its parent or a flat folder of images.'
-                if net_classes == 1000 else
-                f'Pass --num-classes {len(classes)} with a checkpoint trained for those classes, or point at a '
-                f'folder with {net_classes} class sub-folders.')
-        raise ValidationError(
-            f'{root} has {len(classes)} class folders but {model} has {net_classes} classes: accuracy would be '
-            f'meaningless. {hint}')
-    if warn and net_classes == 1000 and not all(_SYNSET.match(c) for c in classes):
-        _logger.warning(f'{root}: 1000 class folders that are not all ImageNet synset ids (nXXXXXXXX): classes are '
-                        f'numbered in sorted folder-name order, which matches ImageNet-1k only for synset folders')
-
-
 def _create_model(model_name: str, pretrained: bool, checkpoint: Optional[Path],
                   num_classes: Optional[int]) -> nn.Module:
     import timm
@@ -168,17 +148,23 @@ def evaluate(
         progress: bool = False,
         desc: str = 'eval',
         distributed: bool = False,
+        columns: Optional[Sequence[int]] = None,
+        real: Optional[RealScorer] = None,
 ) -> Dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 (%) of ``model`` (put in eval mode) over ``loader``.
 
     Sums (not averages of averages) are accumulated, in float64; with ``distributed`` they are all-reduced, so
     with disjoint shards per process every image counts exactly once. Returns ``loss``, ``top1``, ``top5``,
-    ``count``.
+    ``count``. ``columns`` restricts the logits to those classes before scoring (ImageNet-A / -O: the targets index
+    into them); ``real`` is fed every batch's logits, in loader order (ReaL scoring; read it afterwards).
     """
     from timm.utils import accuracy
     from tqdm import tqdm
 
+    if real is not None and distributed:
+        raise ValueError('ReaL scoring follows the loader order of a single process; it cannot use distributed shards')
     model.eval()
+    keep = torch.as_tensor(columns, dtype=torch.long, device=device) if columns is not None else None
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, target in tqdm(loader, desc=desc, disable=not progress, file=sys.stderr, leave=False):
@@ -187,6 +173,10 @@ def evaluate(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(images)
         output = output.float()
+        if keep is not None:
+            output = output.index_select(1, keep)
+        if real is not None:
+            real.add_result(output)
         acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
         n = images.shape[0]
         totals += torch.tensor([F.cross_entropy(output, target, reduction='sum').item(),
@@ -204,6 +194,42 @@ def validate(
         model: str,
         data_dir: Union[str, Path],
         *,
+        eval_set: str = 'imagenet-1k',
+        real_labels: Optional[Union[str, Path]] = None,
+        dataset_name: Optional[str] = None,
+        **kwargs: Any,
+) -> Dict[str, Any]:
+    """Evaluate ``model`` on the ImageFolder ``data_dir`` as the evaluation set ``eval_set`` (:mod:`an_zoo.eval_sets`).
+
+    Args:
+        model: timm model name, ``an_resnet50`` or ``an_resnet50.aog_e120_in1k`` (the tag picks the preprocessing and,
+            with ``pretrained``, the weights).
+        data_dir: ImageFolder root (one sub-folder per class, labelled as ``eval_set`` says); a folder holding
+            ``train/`` and ``val/`` means its ``val/``.
+        eval_set: ``imagenet-1k`` (default), ``imagenet-1k-reassessed`` (ReaL labels), ``imagenetv2-*``,
+            ``imagenet-sketch``, ``imagenet-a``, ``imagenet-o``.
+        real_labels: a ``real.json`` for ``imagenet-1k-reassessed`` (default: timm's bundled copy).
+        dataset_name: recorded as ``dataset`` (default: the folder name, with its parent for ``val``-like names).
+        **kwargs: the options of :func:`validate_many` (weights, preprocessing, batch size, ``limit``, ...).
+
+    Returns:
+        The manifest's ``measured`` record of that set: ``top1``, ``top5`` (percent), ``loss`` (mean cross-entropy;
+        none for ReaL, a multi-label score), ``eval_set``, ``num_images``, ``dataset``, preprocessing, ``model``,
+        ``weights`` and ``weights_sha256``, ``date``, ``hardware``, versions and run settings.
+
+    Raises:
+        ValidationError: a folder not laid out as ``eval_set`` or not matching the model, bad options or weights.
+    """
+    result = validate_many(model, {eval_set: data_dir}, real_labels=real_labels, **kwargs)[eval_set]
+    if dataset_name:
+        result['dataset'] = dataset_name
+    return result
+
+
+def validate_many(
+        model: str,
+        folders: Mapping[str, Union[str, Path]],
+        *,
         pretrained: bool = False,
         checkpoint: Optional[Union[str, Path]] = None,
         num_classes: Optional[int] = None,
@@ -216,42 +242,44 @@ def validate(
         channels_last: bool = False,
         device: Optional[str] = None,
         limit: Optional[int] = None,
-        dataset_name: Optional[str] = None,
+        real_labels: Optional[Union[str, Path]] = None,
+        optional: Collection[str] = (),
         progress: bool = True,
-) -> Dict[str, Any]:
-    """Evaluate ``model`` on the ImageFolder ``data_dir`` with its ``pretrained_cfg`` preprocessing.
+) -> Dict[str, Dict[str, Any]]:
+    """Evaluate ``model`` (built once) on several evaluation sets: ``{eval set name: ImageFolder root}``.
+
+    ``imagenet-1k-reassessed`` given the same folder as ``imagenet-1k`` is scored in the same pass over its images.
+    All folders are checked before the first image is evaluated.
 
     Args:
-        model: timm model name, ``an_resnet50`` or ``an_resnet50.aog_e120_in1k`` (the tag picks the preprocessing and,
-            with ``pretrained``, the weights).
-        data_dir: ImageFolder root (one sub-folder per class, numbered in sorted name order); a folder holding
-            ``train/`` and ``val/`` means its ``val/``.
         pretrained: load the tag's published weights (Hugging Face Hub, verified).
         checkpoint: load this file instead: an official checkpoint (legacy / refactored layout) or an an_zoo
             ``.safetensors`` file, via ``pretrained_cfg_overlay=dict(file=...)``.
-        num_classes: classifier size (default: the pretrained cfg's, 1000 for the ImageNet weights); must equal the
-            folder's class count.
+        num_classes: classifier size (default: the pretrained cfg's, 1000 for the ImageNet weights); must match the
+            folders (every class of a full set; ImageNet-A / -O need 1000).
         img_size, crop_pct, interpolation: override the pretrained cfg's preprocessing.
         amp: ``'bfloat16'`` / ``'float16'`` autocast (``True`` means bfloat16); off by default.
         device: ``'cuda'``, ``'cpu'``, ... (default: CUDA when available).
-        limit: evaluate only the first ``limit`` images (in class-then-file order) for a quick check.
-        dataset_name: recorded as ``dataset`` (default: the folder name, with its parent for ``val``-like names).
+        limit: evaluate only the first ``limit`` images of each set (in class-then-file order) for a quick check.
+        real_labels: a ``real.json`` for ``imagenet-1k-reassessed`` (default: timm's bundled copy).
+        optional: ``{'imagenet-1k-reassessed'}`` leaves the ReaL score out, with a warning, when the ReaL labels
+            cannot score the folder (other file names, a partial val set), instead of failing the run.
 
     Returns:
-        The ``measured`` dict of the weights manifest: ``top1``, ``top5`` (percent), ``loss`` (mean cross-entropy),
-        ``num_images``, ``dataset``, preprocessing (``img_size``, ``crop_pct``, ``interpolation``), ``model``,
-        ``weights`` and ``weights_sha256`` (the source), ``date``, ``hardware``, versions and run settings.
-
-    Raises:
-        ValidationError: the folder's class count differs from the model's, bad options, weights that do not load.
+        ``{eval set name: result}``, each as :func:`validate` describes it, in the order of ``folders``.
     """
     import timm
     from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
 
     import an_zoo
 
-    root = _resolve_root(data_dir)
+    sets = {name: get_eval_set(name) for name in folders}
+    roots = {name: _resolve_root(folder) for name, folder in folders.items()}
+    if real_labels is not None and REAL_SET not in sets:
+        raise ValidationError(f'ReaL labels ({real_labels}) score {REAL_SET}: ask for that set '
+                              f'(--eval-set {REAL_SET}, or --eval-root)')
+    if real_labels is not None and not Path(real_labels).is_file():
+        raise ValidationError(f'ReaL labels file not found: {real_labels}')
     checkpoint = Path(checkpoint).expanduser() if checkpoint is not None else None
     if checkpoint is not None and not checkpoint.is_file():
         raise ValidationError(f'checkpoint file not found: {checkpoint}')
@@ -264,46 +292,37 @@ def validate(
     amp_dtype = _amp_dtype(amp)
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
 
-    try:
-        dataset = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise ValidationError(f'{root} is not a usable ImageFolder (one sub-folder of images per class): {err}') \
-            from err
-
-    _check_class_count(root, dataset.classes, model, _expected_classes(model, num_classes), warn=False)
+    # one run over the val images gives both imagenet-1k and its ReaL score
+    shared = REAL_SET in sets and roots.get('imagenet-1k') == roots[REAL_SET]
+    passes = [name for name in sets if not (shared and name == REAL_SET)]
+    expected = _expected_classes(model, num_classes)
+    opened = {name: open_eval_folder(sets[name], roots[name], expected, model) for name in passes}  # before weights
+    real: Dict[str, List[List[int]]] = {}  # pass -> ReaL labels of its images
+    for name in passes:
+        if name == REAL_SET or (shared and name == 'imagenet-1k'):
+            try:
+                real[name] = real_targets(opened[name].dataset, real_labels, limit)
+            except ValidationError as err:
+                if REAL_SET not in optional:
+                    raise
+                _logger.warning(f'{REAL_SET} left out: {err}')
+    passes = [name for name in passes if name != REAL_SET or name in real]
     net = _create_model(model, pretrained, checkpoint, num_classes)
     net_classes = getattr(net, 'num_classes', None)
-    _check_class_count(root, dataset.classes, model, net_classes)
+    if net_classes != expected:  # checked again against the classifier built
+        opened = {name: open_eval_folder(sets[name], roots[name], net_classes, model) for name in passes}
 
     overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation).items()
                  if v is not None}
     data_config = resolve_data_config(overrides, model=net)
-    dataset.transform = create_transform(**data_config, is_training=False)
-    subset: torch.utils.data.Dataset = dataset
-    if limit is not None and limit < len(dataset):
-        subset = torch.utils.data.Subset(dataset, range(limit))
-    loader = torch.utils.data.DataLoader(
-        subset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=dev.type == 'cuda',
-        drop_last=False)
-
+    transform = create_transform(**data_config, is_training=False)
     net = net.to(dev).eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    start = datetime.datetime.now()
-    metrics = evaluate(net, loader, dev, amp_dtype=amp_dtype, channels_last=channels_last, progress=progress,
-                       desc=f'validate {model}')
-    num_images = metrics['count']
-    seconds = (datetime.datetime.now() - start).total_seconds()
-
     cfg = net.pretrained_cfg
     arch = model.split('.')[0]
     size = data_config['input_size'][1:]
-    result: Dict[str, Any] = {
-        'top1': round(metrics['top1'], 3),
-        'top5': round(metrics['top5'], 3),
-        'loss': round(metrics['loss'], 5),
-        'dataset': dataset_name or _dataset_name(root),
-        'num_images': num_images,
+    common: Dict[str, Any] = {  # what every set's record shares: model, weights, preprocessing, run
         'num_classes': net_classes,
         'img_size': size[0] if size[0] == size[1] else list(size),
         'crop_pct': data_config['crop_pct'],
@@ -316,29 +335,59 @@ def validate(
         'date': datetime.date.today().isoformat(),
         'hardware': _hardware(dev),
         'amp': str(amp_dtype).replace('torch.', '') if amp_dtype is not None else False,
-        'channels_last': channels_last,
-        'batch_size': batch_size,
-        'torch': torch.__version__,
-        'timm': timm.__version__,
-        'an_zoo': an_zoo.__version__,
+        'channels_last': channels_last, 'batch_size': batch_size,
+        'torch': torch.__version__, 'timm': timm.__version__, 'an_zoo': an_zoo.__version__,
     }
-    if pretrained and result['weights_sha256'] is None:
+    if pretrained and common['weights_sha256'] is None:
         from ._manifest import weight_entry
-        entry = weight_entry(result['model'])
-        result['weights_sha256'] = entry.sha256 if entry is not None else None
-    _logger.info(f'{result["model"]}: top-1 {result["top1"]:.3f} top-5 {result["top5"]:.3f} loss {result["loss"]:.4f} '
-                 f'on {num_images} images in {seconds:.1f} s')
-    return result
+        entry = weight_entry(common['model'])
+        common['weights_sha256'] = entry.sha256 if entry is not None else None
+
+    results: Dict[str, Dict[str, Any]] = {}
+    for name in passes:
+        folder = opened[name]
+        folder.dataset.transform = transform
+        subset: torch.utils.data.Dataset = folder.dataset
+        if limit is not None and limit < len(subset):
+            subset = torch.utils.data.Subset(subset, range(limit))
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                             pin_memory=dev.type == 'cuda', drop_last=False)
+        scorer = RealScorer(real[name]) if name in real else None
+        start = datetime.datetime.now()
+        metrics = evaluate(net, loader, dev, amp_dtype=amp_dtype, channels_last=channels_last, progress=progress,
+                           desc=f'{name} {model}', columns=folder.columns, real=scorer)
+        seconds = (datetime.datetime.now() - start).total_seconds()
+        dataset = _dataset_name(roots[name])
+        if name != REAL_SET:
+            results[name] = {'top1': round(metrics['top1'], 3), 'top5': round(metrics['top5'], 3),
+                             'loss': round(metrics['loss'], 5), 'eval_set': name, 'dataset': dataset,
+                             'num_images': metrics['count'], **common}
+            if folder.columns is not None:
+                results[name]['eval_classes'] = len(folder.columns)  # the classes the logits are restricted to
+        if scorer is not None:
+            acc = scorer.accuracy()
+            results[REAL_SET] = {'top1': round(acc[1], 3), 'top5': round(acc[5], 3), 'eval_set': REAL_SET,
+                                 'dataset': dataset, 'num_images': scorer.count,
+                                 'num_images_without_real_labels': scorer.skipped,
+                                 'real_labels': Path(real_labels).name if real_labels else 'timm', **common}
+        for done in ([] if name == REAL_SET else [name]) + ([REAL_SET] if scorer is not None else []):
+            r = results[done]
+            _logger.info(f'{r["model"]} on {done}: top-1 {r["top1"]:.3f} top-5 {r["top5"]:.3f} on '
+                         f'{r["num_images"]} images ({seconds:.1f} s)')
+    return {name: results[name] for name in folders if name in results}
 
 
 def record_measurement(name: str, measured: Dict[str, Any], path: Optional[Union[str, Path]] = None) -> Any:
-    """Merge ``measured`` into the ``measured`` field of manifest entry ``'arch.tag'`` (validated before writing).
+    """Merge results into the ``measured`` block of manifest entry ``'arch.tag'``, keyed by evaluation set: one
+    :func:`validate` result (under its ``eval_set``; ``imagenet-1k`` for one without) or :func:`validate_many`'s
+    ``{eval set: result}``. Other sets' measurements stay; the manifest is validated before writing.
 
     ``path`` defaults to ``AN_ZOO_MANIFEST`` or the packaged manifest (``update_entry`` follows its symlink and writes
     the real file). Returns the updated :class:`~an_zoo._manifest.WeightEntry`.
     """
-    from ._manifest import update_entry
-    return update_entry(name, path=path, measured=dict(measured))
+    from ._manifest import PRIMARY_EVAL_SET, update_entry
+    by_set = {measured.get('eval_set', PRIMARY_EVAL_SET): measured} if 'top1' in measured else measured
+    return update_entry(name, path=path, measured={k: dict(v) for k, v in by_set.items()})
 
 
 def _check_manifest_target(name: str, model: Optional[str], args: argparse.Namespace) -> str:
@@ -349,7 +398,7 @@ def _check_manifest_target(name: str, model: Optional[str], args: argparse.Names
     if entry is None:
         raise ValidationError(f'--update-manifest {name}: no such entry in {file} (names are ARCH.TAG, see '
                               f'python -m an_zoo list)')
-    if model is not None and model.split('.')[0] != entry.model:
+    if model is not None and model.split('.')[0] not in entry.architectures:
         raise ValidationError(f'--update-manifest {name} is a weight of {entry.model}, but --model is {model}')
     if model is not None and '.' in model and model != name:
         raise ValidationError(f'--model {model} names another weight than --update-manifest {name}')
@@ -375,8 +424,13 @@ def _check_manifest_target(name: str, model: Optional[str], args: argparse.Names
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m an_zoo.validate', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('data', metavar='DIR', nargs='?', help='ImageFolder root (e.g. /data/imagenet/val)')
+    parser.add_argument('data', metavar='DIR', nargs='?', help='ImageFolder root of one set (e.g. /data/imagenet/val)')
     parser.add_argument('--data-dir', dest='data_dir', metavar='DIR', help='same as the positional DIR')
+    parser.add_argument('--eval-set', choices=list(EVAL_SETS), metavar='SET',
+                        help=f'how DIR is labelled and scored: {", ".join(EVAL_SETS)} (default: imagenet-1k)')
+    parser.add_argument('--eval-root', metavar='DIR', help='evaluate every set found as DIR/<set name> instead')
+    parser.add_argument('--real-labels', metavar='FILE', help='real.json for imagenet-1k-reassessed (default: '
+                                                              'timm\'s bundled ReaL labels)')
     parser.add_argument('--model', '-m', help='an_* model, optionally with a tag (an_resnet50.aog_e120_in1k); '
                                               'defaults to the --update-manifest entry')
     weights = parser.add_mutually_exclusive_group()
@@ -392,11 +446,11 @@ def _parser() -> argparse.ArgumentParser:
                         help='autocast dtype (--amp alone: bfloat16); default: off (float32)')
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--device', help='cuda, cpu, cuda:1, ... (default: cuda when available)')
-    parser.add_argument('--limit', type=int, help='only the first N images (quick check)')
+    parser.add_argument('--limit', type=int, help='only the first N images of each set (quick check)')
     parser.add_argument('--dataset-name', help='recorded as "dataset" (default: the folder name)')
     parser.add_argument('--results-json', metavar='PATH', help='also write the result to this JSON file')
     parser.add_argument('--update-manifest', metavar='ARCH.TAG',
-                        help='write the result as the "measured" block of this weights manifest entry '
+                        help='write each measured set into the "measured" block of this weights manifest entry '
                              '(the file AN_ZOO_MANIFEST names, else the packaged weights_manifest.json)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
@@ -409,34 +463,47 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ._manifest import ManifestError, manifest_path
     from .models._checkpoint import CheckpointError
     data_dir = args.data_dir or args.data
-    if data_dir is None:
-        parser.error('give the ImageFolder root: DIR or --data-dir DIR')
     if args.data_dir and args.data and args.data_dir != args.data:
         parser.error(f'two data folders given: {args.data} and --data-dir {args.data_dir}')
+    if (data_dir is None) == (args.eval_root is None):
+        parser.error('give one set\'s ImageFolder root (DIR or --data-dir DIR, with --eval-set) or --eval-root DIR')
+    if args.eval_root and (args.eval_set or args.dataset_name):
+        parser.error('--eval-set / --dataset-name describe a single folder; --eval-root names each set by its folder')
+    eval_set = args.eval_set or 'imagenet-1k'
+    if args.real_labels and data_dir and eval_set != REAL_SET:
+        parser.error(f'--real-labels FILE scores {REAL_SET}: add --eval-set {REAL_SET}, or use --eval-root')
+    options = dict(pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                   img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
+                   batch_size=args.batch_size, workers=args.workers, amp=args.amp, channels_last=args.channels_last,
+                   device=args.device, limit=args.limit, real_labels=args.real_labels, progress=not args.no_progress)
     try:
         model = args.model
         if args.update_manifest:
             model = _check_manifest_target(args.update_manifest, model, args)
         if model is None:
             parser.error('--model is required (or --update-manifest ARCH.TAG)')
-        result = validate(
-            model, data_dir, pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=args.num_classes,
-            img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
-            batch_size=args.batch_size, workers=args.workers, amp=args.amp, channels_last=args.channels_last,
-            device=args.device, limit=args.limit, dataset_name=args.dataset_name, progress=not args.no_progress)
+        if args.eval_root:
+            folders = find_eval_sets(Path(args.eval_root).expanduser())
+            # the ReaL score comes along on its own: a val folder it cannot score (other file names, a partial set)
+            # only loses it, unless --real-labels asked for it
+            optional = () if args.real_labels else (REAL_SET,)
+            output = measured = validate_many(model, folders, optional=optional, **options)
+        else:
+            output = validate(model, data_dir, eval_set=eval_set, dataset_name=args.dataset_name, **options)
+            measured = {eval_set: output}
         if args.results_json:
             out = Path(args.results_json)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + '\n', encoding='utf-8')
+            out.write_text(json.dumps(output, indent=2) + '\n', encoding='utf-8')
         if args.update_manifest:
             file = Path(manifest_path()).resolve()
-            entry = record_measurement(args.update_manifest, result, file)
-            _logger.info(f'{entry.name}: measured block written to {file}; regenerate the README tables with '
-                         f'python scripts/model_table.py --write')
+            entry = record_measurement(args.update_manifest, measured, file)
+            _logger.info(f'{entry.name}: measured {", ".join(measured)} written to {file}; regenerate the README '
+                         f'tables with python scripts/model_table.py --write')
     except (ValidationError, ManifestError, CheckpointError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    print(json.dumps(output, indent=2))
     return 0
 
 

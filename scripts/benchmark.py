@@ -5,12 +5,12 @@
     python scripts/benchmark.py --device cuda --precision bf16 --compile both --batch-infer 256 --batch-train 128
     python scripts/benchmark.py --impl reference                 # the reference AN layer instead of the fast one
 
-For each pair (an_resnet50 / resnet50, an_resnext50_32x4d / resnext50_32x4d, an_mobilenetv2_100 / mobilenetv2_100)
-and each requested mode it measures images/s of inference and of a full training step (forward, backward, SGD
+For each pair (an_resnet50 / resnet50, an_resnext50_32x4d / resnext50_32x4d, an_mobilenetv2_100 / mobilenetv2_100,
+an_aognet_12m / aognet_12m, an_densenet121 / densenet121, an_resnet50_all / resnet50) and each requested mode it measures images/s of inference and of a full training step (forward, backward, SGD
 step), AN and BN interleaved round by round (AN first in odd rounds, BN first in even ones) because shared
 machines are noisy, and reports the median of the per-round AN/BN ratios with its spread (min..max). Deterministic
 memory measures: bytes autograd saves for backward in one training forward (torch.autograd.graph
-.saved_tensors_hooks, deduplicated by storage) and, on CUDA, peak allocated memory of a training step.
+.saved_tensors_hooks, deduplicated by storage, the model's parameters and buffers left out) and, on CUDA, peak allocated memory of a training step.
 Prints a table and writes JSON (--json) with the environment (versions, CPU/GPU, threads).
 """
 import argparse
@@ -27,7 +27,8 @@ import torch
 import timm
 
 PAIRS = (('an_resnet50', 'resnet50'), ('an_resnext50_32x4d', 'resnext50_32x4d'),
-         ('an_mobilenetv2_100', 'mobilenetv2_100'))
+         ('an_mobilenetv2_100', 'mobilenetv2_100'), ('an_aognet_12m', 'aognet_12m'), ('an_densenet121', 'densenet121'),
+         ('an_resnet50_all', 'resnet50'))
 
 
 def _sync(device: torch.device) -> None:
@@ -43,10 +44,15 @@ def _autocast(device: torch.device, precision: str):
 
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, precision: str) -> int:
+    """Bytes of the tensors autograd keeps for backward in one training forward, by storage; the model's own
+    parameters and buffers are not activations (they are resident anyway) and are left out."""
+    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: Dict[int, int] = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in resident:
+            storages[ptr] = t.untyped_storage().nbytes()
         return t
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(x.device, precision):

@@ -28,7 +28,8 @@ def model_table() -> str:
     weights = {}
     for entry in load_manifest():
         status = 'published' if entry.published else 'not yet published'
-        weights.setdefault(entry.model, []).append(f'`{entry.tag}` ({entry.reported.get("top1")} reported, {status})')
+        for arch in entry.architectures:
+            weights.setdefault(arch, []).append(f'`{entry.tag}` ({entry.reported_result()} reported, {status})')
     rows = ['| model | params (M) | GMACs | GFLOPs | AN layers | reference weights (top-1 %) |',
             '|---|---:|---:|---:|---|---|']
     for name in timm.list_models('an_*'):
@@ -48,7 +49,7 @@ def model_table() -> str:
 
 
 def weights_table() -> str:
-    rows = ['| weight | status | Hub repo @ revision | file, size, sha256 | params | license | top-1 reported | '
+    rows = ['| weight | status | Hub repo @ revision | file, size, sha256 | params | license | top-1 / top-5 reported | '
             'top-1 measured |', '|---|---|---|---|---:|---|---:|---|']
     for e in load_manifest():
         status = 'published' if e.published else 'not yet published'
@@ -56,10 +57,12 @@ def weights_table() -> str:
         file = f'`{e.filename}`' + (f', {e.size:,} B, `{e.sha256[:16]}…`' if e.sha256 else '')
         params = f'{e.num_params:,}' if e.num_params else '—'
         lic = f'[{e.license["name"]}]({e.license["link"]}) ({e.license["terms"]})'
-        measured = (f'{e.measured["top1"]} ({e.measured.get("date", "")}, {e.measured.get("hardware", "")})'
-                    if e.measured.get('top1') is not None else '—')
-        rows.append(f'| `{e.name}` | {status} | {where} | {file} | {params} | {lic} | {e.reported.get("top1")} | '
-                    f'{measured} |')
+        primary = e.measured.get('imagenet-1k', {})
+        measured = (f'{primary["top1"]} ({primary.get("date", "")}, {primary.get("hardware", "")})'
+                    if primary.get('top1') is not None else '—')
+        aliases = ''.join(f'<br>(also `{a}.{e.tag}`)' for a in e.aliases)
+        rows.append(f'| `{e.name}`{aliases} | {status} | {where} | {file} | {params} | {lic} | '
+                    f'{e.reported_result()} / {e.reported_result(metric="top5")} | {measured} |')
     return '\n'.join(rows) + '\n\nGenerated from `weights_manifest.json` by `python scripts/model_table.py --write`.'
 
 

@@ -318,6 +318,17 @@ def _drop_weights(entry, raw):
     del raw['weights']
 
 
+def _result(eval_set, top1):
+    def edit(entry, raw):
+        entry['reported']['results'][eval_set] = {'top1': top1}
+    return edit
+
+
+def _alias_taken(entry, raw):
+    raw['weights'][1]['aliases'] = [entry['model']]
+    raw['weights'][1]['tag'] = entry['tag']
+
+
 @pytest.mark.parametrize('edit, expected', [
     (_set('sha256', 'ABC'), r'weights\[0\] \(an_resnet50\.aog_e120_in1k\)\.sha256 must be 64 lowercase hex digits, '
                             r"got 'ABC'"),
@@ -329,6 +340,10 @@ def _drop_weights(entry, raw):
                              r"\['origin_url'\]"),
     (_duplicate, r'an_resnet50\.aog_e120_in1k\) is listed twice'),
     (_drop_weights, r"the top level is missing required field\(s\) \['weights'\]"),
+    (_set('aliases', 'an_resnet34'), r"\.aliases must be a list of architecture names, got 'an_resnet34'"),
+    (_result('imagenet-x', 1.0), r"\.reported\.results names unknown evaluation set 'imagenet-x'; known: "),
+    (_result('imagenet-1k', 787), r'\.reported\.results\.imagenet-1k\.top1 must be a percentage, got 787'),
+    (_alias_taken, r'an_resnet101\.aog_e120_in1k\) is listed twice \(as an entry or an alias\)'),
 ])
 def test_bad_manifest_field(edit, expected, tmp_path):
     from an_zoo._manifest import ManifestError, load_manifest

@@ -112,7 +112,7 @@ def test_recipe_documents_weight_sources_and_command(path):
     header = '\n'.join(line for line in lines if line.startswith('#'))
     entry = weight_entry(path.name[:-len('.yaml')], MANIFEST)
     assert entry.name in lines[0]
-    assert f'Reported top-1: {entry.reported["top1"]} %' in header
+    assert f'Reported top-1: {entry.reported_result()} %' in header
     assert f'torchrun --nproc_per_node 8 -m an_zoo.train --config recipes/{path.name} --data-dir' in header
     assert entry.provenance['origin_url'] in header
     undocumented = [line for line in lines if line and not line.startswith('#') and '#' not in line]

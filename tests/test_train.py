@@ -174,6 +174,6 @@ def test_update_entry_through_the_packaged_symlink_changes_the_real_manifest(tmp
     real.write_text((REPO / 'weights_manifest.json').read_text())
     link = tmp_path / 'link.json'
     link.symlink_to(real)
-    an_zoo._manifest.update_entry('an_resnet50.aog_e120_in1k', link, measured={'top1': 1.0})
+    an_zoo._manifest.update_entry('an_resnet50.aog_e120_in1k', link, measured={'imagenet-1k': {'top1': 1.0}})
     assert link.is_symlink()
-    assert json.loads(real.read_text())['weights'][0]['measured']['top1'] == 1.0
+    assert json.loads(real.read_text())['weights'][0]['measured']['imagenet-1k']['top1'] == 1.0

@@ -18,8 +18,8 @@ from PIL import Image
 from torchvision import transforms
 
 from an_zoo._card import model_card
-from an_zoo._manifest import load_manifest, weight_entry
-from an_zoo.validate import ValidationError, main, validate
+from an_zoo._manifest import ManifestError, load_manifest, weight_entry
+from an_zoo.validate import ValidationError, main, record_measurement, validate
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = 'an_resnet18_bn1'
@@ -92,9 +92,11 @@ def _test_manifest(tmp_path) -> Path:
 
 
 def _check_measured_block(manifest: Path, result: dict, monkeypatch) -> None:
-    """The loader accepts the written manifest; README table and model card render the measurement."""
+    """The loader accepts the written manifest (the result under its evaluation set); README table and model card
+    render the measurement."""
     entry = weight_entry(f'{MODEL}.{TEST_TAG}', manifest)
-    assert entry.measured == result
+    assert entry.measured == {'imagenet-1k': result}
+    assert entry.measured_result() == result['top1']
     packaged = {e.name: e.measured for e in load_manifest(REPO / 'weights_manifest.json')}
     assert {e.name: e.measured for e in load_manifest(manifest) if e.name != entry.name} == packaged
     spec = importlib.util.spec_from_file_location('model_table', REPO / 'scripts' / 'model_table.py')
@@ -103,7 +105,7 @@ def _check_measured_block(manifest: Path, result: dict, monkeypatch) -> None:
     monkeypatch.setenv('AN_ZOO_MANIFEST', str(manifest))
     row = next(line for line in model_table.weights_table().splitlines() if f'{MODEL}.{TEST_TAG}' in line)
     assert f'{result["top1"]} ({result["date"]}, {result["hardware"]})' in row
-    assert 'top-1 accuracy (measured)' in model_card(entry)
+    assert 'top1 accuracy (measured)' in model_card(entry)
 
 
 def test_validate_matches_manual_computation(folder):
@@ -117,6 +119,7 @@ def test_validate_matches_manual_computation(folder):
     assert abs(natural['loss'] - expected['loss']) > 1e-2
     assert result['img_size'] == 64 and result['crop_pct'] == 0.875 and result['interpolation'] == 'bilinear'
     assert result['dataset'] == 'data' and result['num_classes'] == 3 and result['amp'] is False
+    assert result['eval_set'] == 'imagenet-1k'  # the default: today's labelling (sorted synset-like folders)
     assert result['weights'] == 'model.safetensors'
     assert result['weights_sha256'] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert result['torch'] == torch.__version__ and result['timm'] == timm.__version__ and result['an_zoo']
@@ -180,3 +183,22 @@ def test_cli_subprocess_results_json_and_manifest(folder, tmp_path, monkeypatch)
     assert (result['img_size'], result['crop_pct'], result['interpolation']) == (64, 0.9, 'bicubic')
     _assert_matches(result, _manual(model, root, 64, 0.9, 'bicubic'))
     _check_measured_block(manifest, result, monkeypatch)
+
+
+def test_record_measurement_is_keyed_by_eval_set(tmp_path):
+    manifest = _test_manifest(tmp_path)
+    name = f'{MODEL}.{TEST_TAG}'
+    # a result without eval_set (written before the evaluation sets existed) is an imagenet-1k one
+    record_measurement(name, {'top1': 70.0, 'top5': 89.0}, manifest)
+    record_measurement(name, {'top1': 3.5, 'top5': 20.0, 'eval_set': 'imagenet-a'}, manifest)
+    record_measurement(name, {'imagenetv2-topimages': {'top1': 75.0, 'top5': 92.0, 'eval_set': 'imagenetv2-topimages'}},
+                       manifest)
+    record_measurement(name, {'top1': 71.0, 'top5': 90.0, 'eval_set': 'imagenet-1k'}, manifest)  # replaces that set
+    entry = weight_entry(name, manifest)
+    assert entry.measured == {'imagenet-1k': {'top1': 71.0, 'top5': 90.0, 'eval_set': 'imagenet-1k'},
+                              'imagenet-a': {'top1': 3.5, 'top5': 20.0, 'eval_set': 'imagenet-a'},
+                              'imagenetv2-topimages': {'top1': 75.0, 'top5': 92.0, 'eval_set': 'imagenetv2-topimages'}}
+    before = manifest.read_text()
+    with pytest.raises(ManifestError, match="unknown evaluation set 'imagenet-21k'"):
+        record_measurement(name, {'top1': 1.0, 'top5': 2.0, 'eval_set': 'imagenet-21k'}, manifest)
+    assert manifest.read_text() == before

@@ -172,7 +172,8 @@ def _forward(
     a = (lam @ weight).mul_(rstd)  # gamma * rstd
     b = torch.addcmul(lam @ bias, a, mean, value=-1)  # beta - mean * gamma * rstd
     _channel_affine(x, a, b, mean, out)
-    return out, batch_stats, (a, mean, rstd, mu, q, s, u, lam, z_hat, z_rstd)
+    # s and a are recomputed in backward (one product each): two (N, C) tensors fewer kept per layer
+    return out, batch_stats, (mean, rstd, mu, q, u, lam, z_hat, z_rstd)
 
 
 def _gradient_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scratch: torch.Tensor
@@ -260,13 +261,15 @@ class AttentiveNormFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        x, conv_weight, attn_weight, mixture_weight, mixture_bias, a, mean, rstd, mu, q, s, u, lam, z_hat, z_rstd = \
+        x, conv_weight, attn_weight, mixture_weight, mixture_bias, mean, rstd, mu, q, u, lam, z_hat, z_rstd = \
             ctx.saved_tensors
         need = ctx.needs_input_grad
         n, _, h, w = x.shape
         spatial = h * w
-        dt = a.dtype
+        dt = mu.dtype
         weight, bias = _cast(mixture_weight, dt), _cast(mixture_bias, dt)
+        s = mu * q  # as in the forward, bit for bit
+        a = (lam @ weight).mul_(rstd)
         d_x = torch.empty_like(x)
         d_beta, d_a = _gradient_sums(grad_out, x, mean, d_x)  # P, Q - m P
         d_gamma = d_a * rstd

@@ -1,2 +1,4 @@
+from .aognet import *
+from .densenet import *
 from .mobilenet import *
 from .resnet import *

@@ -36,9 +36,11 @@ def _no_weights_error(variant: str, cfg: Dict[str, Any]) -> RuntimeError:
     name = f'{variant}.{cfg["tag"]}' if cfg.get('tag') else variant
     entry = weight_entry(name)
     if entry is not None and not entry.published:
+        released = entry.provenance.get('official_url') or entry.provenance['origin_url']
         return RuntimeError(
             f'{name} is not published on the Hugging Face Hub yet. If you have the official checkpoint '
-            f'({entry.provenance["origin_url"]}), load it with timm.create_model("{variant}", pretrained=True, '
+            f'("{entry.provenance.get("official_name", entry.name)}", released at {released}), load it with '
+            f'timm.create_model("{variant}", pretrained=True, '
             f'pretrained_cfg_overlay=dict(file="/path/to/checkpoint.pth.tar")).')
     return RuntimeError(
         f'no pretrained weights exist for {name}. Use pretrained=False for random init, or load a checkpoint '

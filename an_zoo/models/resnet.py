@@ -9,7 +9,10 @@ swapped for :class:`~an_zoo.layers.AttentiveBatchNorm2d`, bound per stage to tha
 components K and handed to timm's ``ResNet``.
 
 * Bottleneck (50/101/152, ResNeXt): AN replaces only ``bn2`` (after the 3x3 conv); K per stage = (10, 10, 20, 20).
-* BasicBlock (18/34): AN on ``bn1`` only (``_bn1`` models) or on ``bn1`` and ``bn2`` (``_bn12`` models).
+* BasicBlock (18/34): AN on ``bn1`` only (``_bn1`` models, also registered without the suffix: the refactored
+  release's default placement and its better ResNet-34) or on ``bn1`` and ``bn2`` (``_bn12`` models).
+* ResNet-50 placements of the refactored release: AN on ``bn3`` only (``an_resnet50_bn3``), or on every norm outside
+  the attention branches, stem and shortcut norms included (``an_resnet50_all``).
 * ``d`` models: deep 3x3 stem (32, 32, 64), 2x2 stride-2 max pool, average-pool shortcuts (ResNetV1d-AN).
 """
 from functools import partial
@@ -108,6 +111,8 @@ class ANResNet(ResNet):
             layers: Tuple[int, ...],
             stage_mixtures: Sequence[int] = DEFAULT_STAGE_MIXTURES,
             an_norms: Optional[Tuple[str, ...]] = None,
+            an_stem: bool = False,
+            an_downsample: bool = False,
             stem_pool_size: int = 3,
             **kwargs: Any,
     ) -> None:
@@ -117,6 +122,8 @@ class ANResNet(ResNet):
             layers: Number of blocks per stage.
             stage_mixtures: Number K of AN mixture components per stage.
             an_norms: Names of the block norms that are AN (default: the block's reference placement).
+            an_stem: AN on the stem norm ``bn1`` too, with the first stage's K (the reference's "an_all").
+            an_downsample: AN on the shortcut norms ``layerX.0.downsample.<last>`` too, with their stage's K.
             stem_pool_size: 3 (timm / torchvision: 3x3 stride-2 max pool, padding 1) or 2 (2x2 stride-2 max pool,
                 as the reference ResNetV1d-AN models).
             **kwargs: Passed to timm's ``ResNet``.
@@ -132,6 +139,14 @@ class ANResNet(ResNet):
         elif stem_pool_size != 3:
             raise ValueError(f'stem_pool_size must be 2 or 3, got {stem_pool_size}')
         self.stage_mixtures = tuple(stage_mixtures)
+        dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        if an_stem:
+            _use_attentive_norms(self, ('bn1',), stage_mixtures[0], **dd)
+        if an_downsample:
+            for stage, k in zip((self.layer1, self.layer2, self.layer3, self.layer4), stage_mixtures):
+                for block in stage:
+                    if block.downsample is not None:  # Sequential([pool,] conv, norm)
+                        _use_attentive_norms(block.downsample, (str(len(block.downsample) - 1),), k, **dd)
 
     def no_weight_decay(self) -> Set[str]:
         """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see README)."""
@@ -143,6 +158,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     renames = (
         (r'^stem\.([0-6])\.', r'conv1.\1.'),  # refactored ResNetV1d deep stem: stem.{0..6} -> conv1.{0..6}
         (r'^stem\.7\.', 'bn1.'),               # ... and its last stem norm
+        (r'^AttnBN2d1\.', 'bn1.'),            # refactored "an_all": the stem AN
     )
     return remap_state_dict(state_dict, model, renames=renames)
 
@@ -156,11 +172,15 @@ def _arch(first_conv: str = 'conv1') -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs({
+    'an_resnet18': _arch(),
     'an_resnet18_bn1': _arch(),
     'an_resnet18_bn12': _arch(),
+    'an_resnet34': _arch(),
     'an_resnet34_bn1': _arch(),
     'an_resnet34_bn12': _arch(),
     'an_resnet50': _arch(),
+    'an_resnet50_bn3': _arch(),
+    'an_resnet50_all': _arch(),
     'an_resnet101': _arch(),
     'an_resnet152': _arch(),
     'an_resnet50d': _arch('conv1.0'),
@@ -175,6 +195,13 @@ _D_ARGS = dict(stem_width=32, stem_type='deep', avg_down=True, stem_pool_size=2)
 
 
 @register_model
+def an_resnet18(pretrained: bool = False, **kwargs: Any) -> ANResNet:
+    """AN-ResNet-18 with the reference's default BasicBlock placement: AN on the first norm (as ``an_resnet18_bn1``)."""
+    model_args = dict(block=AttentiveBasicBlock, layers=(2, 2, 2, 2), an_norms=('bn1',))
+    return _create_an_resnet('an_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
 def an_resnet18_bn1(pretrained: bool = False, **kwargs: Any) -> ANResNet:
     """AN-ResNet-18, AN on the first norm of each BasicBlock (refactored release's "an_bn1")."""
     model_args = dict(block=AttentiveBasicBlock, layers=(2, 2, 2, 2), an_norms=('bn1',))
@@ -186,6 +213,14 @@ def an_resnet18_bn12(pretrained: bool = False, **kwargs: Any) -> ANResNet:
     """AN-ResNet-18, AN on both norms of each BasicBlock (refactored release's "an_bn12")."""
     model_args = dict(block=AttentiveBasicBlock, layers=(2, 2, 2, 2), an_norms=('bn1', 'bn2'))
     return _create_an_resnet('an_resnet18_bn12', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def an_resnet34(pretrained: bool = False, **kwargs: Any) -> ANResNet:
+    """AN-ResNet-34 with the reference's default BasicBlock placement: AN on the first norm (as ``an_resnet34_bn1``,
+    the more accurate of the two released ResNet-34 placements)."""
+    model_args = dict(block=AttentiveBasicBlock, layers=(3, 4, 6, 3), an_norms=('bn1',))
+    return _create_an_resnet('an_resnet34', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
@@ -207,6 +242,21 @@ def an_resnet50(pretrained: bool = False, **kwargs: Any) -> ANResNet:
     """AN-ResNet-50 (25.76 M parameters)."""
     model_args = dict(block=AttentiveBottleneck, layers=(3, 4, 6, 3))
     return _create_an_resnet('an_resnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def an_resnet50_bn3(pretrained: bool = False, **kwargs: Any) -> ANResNet:
+    """AN-ResNet-50, AN on the third norm (after the 1x1 expansion) of each Bottleneck (refactored "an_bn3")."""
+    model_args = dict(block=AttentiveBottleneck, layers=(3, 4, 6, 3), an_norms=('bn3',))
+    return _create_an_resnet('an_resnet50_bn3', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def an_resnet50_all(pretrained: bool = False, **kwargs: Any) -> ANResNet:
+    """AN-ResNet-50, AN on every norm: stem, the three of each Bottleneck and the shortcuts (refactored "an_all")."""
+    model_args = dict(block=AttentiveBottleneck, layers=(3, 4, 6, 3), an_norms=('bn1', 'bn2', 'bn3'), an_stem=True,
+                      an_downsample=True)
+    return _create_an_resnet('an_resnet50_all', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
