@@ -2,8 +2,10 @@
 
     python -m an_zoo list                       # manifest weights and whether they are published / cached
     python -m an_zoo download an_resnet50       # fill the Hugging Face cache (HF_HOME / HF_HUB_CACHE), verified
-    python -m an_zoo verify                     # re-hash every cached an_zoo weight against the manifest
+    python -m an_zoo download an_resnet50.aog_e120_in1k --accept-license   # not on the Hub: the official release
+    python -m an_zoo verify                     # re-hash every cached an_zoo weight against the manifest / lock
     python -m an_zoo bundle an_resnet50 DIR     # relocatable folder: weights + config.json + model card + hubconf.py
+    python -m an_zoo import-official an_resnet50.aog_e120_in1k [--from ZIP]   # maintainers: Hub-ready folder
 
 A bundle loads with no network access: ``timm.create_model('local-dir:DIR', pretrained=True)`` (after
 ``import an_zoo``) or ``torch.hub.load('DIR', 'model', source='local')``.
@@ -49,8 +51,9 @@ def _resolve(name: str) -> WeightEntry:
             hint = f' Did you mean {" or ".join(close)}?' if close else ''
             raise SystemExit(f'unknown or ambiguous weight {name!r}.{hint} The manifest has: {known}')
         entry = candidates[0]
-    if not entry.published:
-        raise SystemExit(f'{entry.name} is not published on the Hub yet (see weights_manifest.json)')
+    if not entry.published and not entry.official_source:
+        raise SystemExit(f'{entry.name} is not published on the Hub yet and has no official source '
+                         f'(see weights_manifest.json)')
     return entry
 
 
@@ -62,13 +65,22 @@ def _cached_path(entry: WeightEntry, cache_dir: str) -> Optional[Path]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or hub_settings()['cache_dir']
+    from .official import read_lock
     for entry in load_manifest():
-        state = 'published' if entry.published else 'not published'
-        cached = entry.published and _cached_path(entry, cache_dir) is not None
+        state = 'published' if entry.published else 'official source' if entry.official_source else 'not published'
+        cached = (_cached_path(entry, cache_dir) is not None if entry.published else read_lock(entry) is not None)
         aliases = ', '.join(f'{a}.{entry.tag}' for a in entry.aliases)
         print(f'{entry.name:45s} {state:14s} {"cached" if cached else "":6s} {f"(also {aliases})" if aliases else ""}'
               .rstrip())
     return 0
+
+
+def _accept(entry: WeightEntry, accept: bool) -> None:
+    if accept and entry.official_source:
+        from .licenses import accept_license
+        accept_license(entry.official_source['license'])
+        print(f'accepted the {entry.license["name"]} ({entry.license["terms"]}: {entry.license["link"]}); '
+              f'remembered in the an_zoo cache')
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -77,16 +89,44 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise SystemExit('name one or more weights, or pass --all')
     for name in names:
         entry = _resolve(name)
-        path = fetch_weights(entry, cache_dir=args.cache_dir)
-        print(f'{entry.name}: {path} (sha256 verified)')
+        if entry.published:
+            path = fetch_weights(entry, cache_dir=args.cache_dir)
+            print(f'{entry.name}: {path} (sha256 verified)')
+            continue
+        from .official import fetch_official
+        _accept(entry, args.accept_license)
+        path = fetch_official(entry, source=args.source)
+        print(f'{entry.name}: {path} (converted from the official release, verified against its lock file)')
+    return 0
+
+
+def cmd_import_official(args: argparse.Namespace) -> int:
+    from .official import import_official
+    entry = weight_entry(args.name)
+    if entry is None or not entry.official_source:
+        raise SystemExit(f'{args.name} is not a manifest weight with an official source: see python -m an_zoo list')
+    _accept(entry, args.accept_license)
+    import_official(entry, source=args.source, out_dir=args.out)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or hub_settings()['cache_dir']
-    entries = [_resolve(n) for n in args.names] if args.names else [e for e in load_manifest() if e.published]
+    entries = [_resolve(n) for n in args.names] if args.names else [e for e in load_manifest()
+                                                                   if e.published or e.official_source]
     failed = False
     for entry in entries:
+        if not entry.published:
+            from .official import verify_cached
+            try:
+                state = verify_cached(entry)
+            except WeightsVerificationError as err:
+                print(f'{entry.name}: FAILED: {err}')
+                failed = True
+                continue
+            print(f'{entry.name}: {"ok (official source, verified against its lock)" if state else "not cached"}')
+            failed |= bool(args.names) and state is None
+            continue
         path = _cached_path(entry, cache_dir)
         if path is None:
             print(f'{entry.name}: not cached in {cache_dir}')
@@ -134,7 +174,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('names', nargs='*', help='arch.tag or arch')
     p.add_argument('--all', action='store_true', help='every published weight')
     p.add_argument('--cache-dir', help='Hugging Face cache (default: HF_HUB_CACHE / HF_HOME)')
+    p.add_argument('--accept-license', action='store_true',
+                   help='accept the licence of official weights that are not on the Hub (remembered)')
+    p.add_argument('--from', dest='source', help='an official archive / checkpoint / folder you have (no download)')
     p.set_defaults(fn=cmd_download)
+    p = sub.add_parser('import-official', help='maintainers: official file -> Hub-ready folder + manifest hashes')
+    p.add_argument('name', help='arch.tag')
+    p.add_argument('--from', dest='source', help='official archive / checkpoint / folder (default: download it)')
+    p.add_argument('--out', default='converted', help='output folder (default: ./converted/<arch.tag>)')
+    p.add_argument('--accept-license', action='store_true', help='accept the official weights\' licence')
+    p.set_defaults(fn=cmd_import_official)
     p = sub.add_parser('verify', help='re-hash cached weights against the manifest')
     p.add_argument('names', nargs='*', help='arch.tag or arch (default: every published weight)')
     p.add_argument('--cache-dir', help='Hugging Face cache (default: HF_HUB_CACHE / HF_HOME)')
@@ -147,7 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (WeightsUnavailableError, WeightsVerificationError) as err:
+    except (WeightsUnavailableError, WeightsVerificationError, PermissionError, ValueError, FileNotFoundError,
+            FileExistsError, RuntimeError, ImportError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
 

@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from ._io import atomic_write_text
+
 __all__ = ['ManifestError', 'WeightEntry', 'load_manifest', 'pretrained_cfgs', 'weight_entry', 'manifest_path',
            'update_entry', 'CODE_LICENSE']
 
@@ -54,6 +56,7 @@ class WeightEntry:
     measured: Dict[str, Any]
     data: Dict[str, Any] = field(default_factory=dict)  # input_size, crop_pct, ... after defaults are applied
     aliases: Tuple[str, ...] = ()  # other architectures (same network under another name) these weights load into
+    official_source: Dict[str, Any] = field(default_factory=dict)  # where the authors released the file (if known)
 
     @property
     def name(self) -> str:
@@ -101,8 +104,34 @@ def _check_results(results: Any, where: str, path: Path) -> None:
                 raise ManifestError(f'{path}: {where}.{eval_set}.{metric} must be a percentage, got {value!r}')
 
 
+_SOURCE_KINDS = ('gdrive_file', 'gdrive_folder')
+
+
+def _check_official_source(source: Any, where: str, path: Path, licenses: Mapping[str, Any]) -> None:
+    """``{kind, id, [path], archive, config, checkpoint, license, [sha256, size], expect}``: a Drive file (a zip
+    archive) or a sub-folder of a Drive folder (named after ``path``) holding ``config`` and ``checkpoint``."""
+    _require(source, ('kind', 'id', 'config', 'checkpoint', 'license', 'expect'), where, path)
+    if source['kind'] not in _SOURCE_KINDS:
+        raise ManifestError(f'{path}: {where}.kind must be one of {_SOURCE_KINDS}, got {source["kind"]!r}')
+    for key in ('id', 'config', 'checkpoint'):
+        if not isinstance(source[key], str) or not source[key] or '/' in source[key] or source[key] in ('.', '..'):
+            raise ManifestError(f'{path}: {where}.{key} must be a plain name, got {source[key]!r}')
+    if source['kind'] == 'gdrive_folder' and not isinstance(source.get('path'), str):
+        raise ManifestError(f'{path}: {where}.path (the model\'s sub-folder name) is required for a Drive folder')
+    if source['kind'] == 'gdrive_file' and source.get('archive') != 'zip':
+        raise ManifestError(f'{path}: {where}.archive must be "zip" for a Drive file, got {source.get("archive")!r}')
+    if source['license'] not in licenses:
+        raise ManifestError(f'{path}: {where}.license names {source["license"]!r}, not defined under "licenses"')
+    if source.get('sha256') is not None and not _SHA256.match(str(source['sha256'])):
+        raise ManifestError(f'{path}: {where}.sha256 must be 64 lowercase hex digits, got {source["sha256"]!r}')
+    if not isinstance(source['expect'], Mapping):
+        raise ManifestError(f'{path}: {where}.expect must map config keys to values')
+
+
 def _check_entry(item: Mapping[str, Any], where: str, path: Path, licenses: Mapping[str, Any]) -> None:
     _require(item, _ENTRY_REQUIRED, where, path)
+    if item.get('official_source') is not None:
+        _check_official_source(item['official_source'], f'{where}.official_source', path, licenses)
     aliases = item.get('aliases', [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise ManifestError(f'{path}: {where}.aliases must be a list of architecture names, got {aliases!r}')
@@ -144,6 +173,7 @@ def _parse(raw: Dict[str, Any], path: Path) -> Tuple[Dict[str, Any], Tuple[Weigh
             num_params=item['num_params'], license=dict(raw['licenses'][item['license']]),
             provenance=dict(item['provenance']), reported=dict(item['reported']), measured=dict(item['measured']),
             data={k: item.get(k, defaults[k]) for k in _DATA_FIELDS}, aliases=tuple(item.get('aliases', ())),
+            official_source=dict(item.get('official_source') or {}),
         )
         taken = {f'{arch}.{e.tag}' for e in entries for arch in e.architectures}
         if any(f'{arch}.{entry.tag}' in taken for arch in entry.architectures):
@@ -227,8 +257,8 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
 def update_entry(name: str, path: Optional[Path] = None, **fields: Any) -> WeightEntry:
     """Set top-level fields of the entry ``'arch.tag'`` (``provenance`` and ``measured``, which is keyed by evaluation
     set, are merged) and rewrite the manifest; the result is validated before anything is written."""
-    # resolved: the packaged manifest is a symlink to the repo's, and os.replace on the link would swap out the
-    # link itself and leave the real file unchanged
+    # resolved: the packaged manifest is a symlink to the repo's, and an atomic replace of the link would swap out
+    # the link itself and leave the real file unchanged
     file = Path(path or manifest_path()).resolve()
     raw = json.loads(file.read_text(encoding='utf-8'))
     names = [f'{w["model"]}.{w["tag"]}' for w in raw['weights']]
@@ -237,12 +267,10 @@ def update_entry(name: str, path: Optional[Path] = None, **fields: Any) -> Weigh
     if not items:
         raise ManifestError(f'{file}: no entry {name!r}; known: {names}')
     for key, value in fields.items():
-        if key in ('provenance', 'measured') and isinstance(value, Mapping):
+        if key in ('provenance', 'measured', 'official_source') and isinstance(value, Mapping):
             items[0][key] = {**items[0][key], **value}
         else:
             items[0][key] = value
     _parse(raw, file)  # refuse to write an invalid manifest
-    tmp = file.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(raw, indent=2) + '\n', encoding='utf-8')
-    os.replace(tmp, file)
+    atomic_write_text(file, json.dumps(raw, indent=2) + '\n')
     return weight_entry(name, file)

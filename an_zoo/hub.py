@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 from ._manifest import WeightEntry
 
 __all__ = ['WeightsVerificationError', 'WeightsUnavailableError', 'sha256_file', 'verify_file', 'fetch_weights',
-           'hub_settings']
+           'hub_settings', 'an_zoo_cache_dir']
 
 _CHUNK = 1 << 20
 
@@ -71,6 +71,15 @@ def hub_settings() -> Dict[str, Any]:
     endpoint = env.get('HF_ENDPOINT', constants.ENDPOINT).rstrip('/')
     return dict(offline=offline or bool(getattr(constants, 'HF_HUB_OFFLINE', False)), cache_dir=cache_dir,
                 endpoint=endpoint)
+
+
+def an_zoo_cache_dir() -> Path:
+    """an_zoo's own cache (official-source downloads, their lock files, accepted licences): ``AN_ZOO_CACHE``, else
+    ``an_zoo/`` next to the Hugging Face cache (``HF_HOME``, default ``~/.cache/huggingface``); read at call time."""
+    if os.environ.get('AN_ZOO_CACHE'):
+        return Path(os.environ['AN_ZOO_CACHE']).expanduser()
+    from huggingface_hub import constants
+    return Path(os.environ.get('HF_HOME') or constants.HF_HOME).expanduser() / 'an_zoo'
 
 
 def _local_rank_zero_first(fn):

@@ -22,7 +22,6 @@ argument names below.
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -45,6 +44,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, init_distributed_device, update_summary
 
 from . import __version__
+from ._io import atomic_write
 from .data import EMBEDDED_DATASET, create_train_eval_datasets
 from .layers import attentive_norm_no_weight_decay, convert_sync_batchnorm, freeze_batch_norm_2d
 from .validate import evaluate
@@ -390,12 +390,6 @@ def train_one_epoch(args, epoch: int, model: nn.Module, loader, optimizer, crite
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out_dir: Path, epoch: int, model: nn.Module, ema: Optional[ModelEmaV3], optimizer, scaler,
                     state: Dict[str, Any]) -> Path:
     """``checkpoint-E.safetensors`` (model weights; ``.ema.safetensors`` for EMA) then ``checkpoint-E.pth`` (optimizer,
@@ -409,13 +403,13 @@ def save_checkpoint(out_dir: Path, epoch: int, model: nn.Module, ema: Optional[M
     def weights(m: nn.Module) -> Dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in _unwrap(m).state_dict().items()}
 
-    _atomic_write(stem.with_suffix('.safetensors'), lambda p: save_file(weights(model), p, metadata=meta))
+    atomic_write(stem.with_suffix('.safetensors'), lambda p: save_file(weights(model), p, metadata=meta))
     if ema is not None:
-        _atomic_write(out_dir / f'{stem.name}.ema.safetensors',
+        atomic_write(out_dir / f'{stem.name}.ema.safetensors',
                       lambda p: save_file(weights(ema.module), p, metadata=meta))
     payload = dict(state, epoch=epoch, optimizer=optimizer.state_dict(),
                    scaler=scaler.state_dict() if scaler is not None else None)
-    _atomic_write(stem.with_suffix('.pth'), lambda p: torch.save(payload, p))
+    atomic_write(stem.with_suffix('.pth'), lambda p: torch.save(payload, p))
     return stem.with_suffix('.pth')
 
 
@@ -475,7 +469,7 @@ def load_checkpoint(path: Path, model: nn.Module, ema: Optional[ModelEmaV3], opt
 
 def write_logs(out_dir: Path, history: List[Dict[str, Any]]) -> None:
     """``log.json`` (every epoch), ``summary.csv`` (timm's format) and ``curves.png`` (if matplotlib is installed)."""
-    _atomic_write(out_dir / 'log.json', lambda p: Path(p).write_text(json.dumps(history, indent=1)))
+    atomic_write(out_dir / 'log.json', lambda p: Path(p).write_text(json.dumps(history, indent=1)))
     csv_path = out_dir / 'summary.csv'
     csv_path.unlink(missing_ok=True)
     for row in history:
@@ -501,7 +495,7 @@ def write_logs(out_dir: Path, history: List[Dict[str, Any]]) -> None:
         ax.legend()
     fig.suptitle(history[-1].get('title', ''))
     fig.tight_layout()
-    _atomic_write(out_dir / 'curves.png', lambda p: fig.savefig(p, dpi=100, format='png'))
+    atomic_write(out_dir / 'curves.png', lambda p: fig.savefig(p, dpi=100, format='png'))
     plt.close(fig)
 
 
@@ -624,7 +618,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             state = dict(args=_plain(vars(args)), num_updates=num_updates, history=history, best=best)
             save_checkpoint(out_dir, epoch, model, ema, optimizer, scaler, state)
             if best['epoch'] == epoch:
-                _atomic_write(out_dir / 'best.safetensors', lambda p: shutil.copyfile(
+                atomic_write(out_dir / 'best.safetensors', lambda p: shutil.copyfile(
                     out_dir / f'{CHECKPOINT_PREFIX}{epoch}.safetensors', p))
             _prune_checkpoints(out_dir, args.checkpoint_hist)
             write_logs(out_dir, history)

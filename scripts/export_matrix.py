@@ -19,7 +19,6 @@ every AN layer.
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 import an_zoo  # noqa: F401  (registers the models)
 from an_zoo import export as ex
+from an_zoo._io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 STATUS = REPO / 'export_status.json'
@@ -121,9 +121,7 @@ def replace_block(text: str, content: str) -> str:
 def write_status(status: Dict[str, Any], path: Path = STATUS) -> None:
     status['models'] = dict(sorted(status['models'].items()))
     path = path.resolve()  # the packaged an_zoo/export_status.json is a symlink to this file
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(status, indent=2, ensure_ascii=False) + '\n', encoding='utf-8')
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(status, indent=2, ensure_ascii=False) + '\n')
 
 
 def _update_readme(readme: Path, status: Dict[str, Any]) -> bool:

@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     # one intra-op thread per xdist worker: two workers with two OpenMP threads each on a 2-core machine
     # oversubscribe the cores and run several times slower
     torch.set_num_threads(1)
+# no test may download from the real Google Drive: an empty an_zoo cache (no remembered licence) and no licence
+# accepted from the environment; tests that download accept a licence for a local Drive (tests/drive_server.py)
+os.environ['AN_ZOO_CACHE'] = tempfile.mkdtemp(prefix='an_zoo_test_cache_')
+os.environ.pop('AN_ZOO_ACCEPT_LICENSE', None)
 # CI checks out the repo next to ../shared; AN_ZOO_GOLDEN_DIR overrides
 GOLDEN_DIR = Path(os.environ.get('AN_ZOO_GOLDEN_DIR', REPO_ROOT.parent / 'shared' / 'golden'))
 

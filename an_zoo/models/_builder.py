@@ -6,6 +6,8 @@ adapts (classifier, first conv, features_only wrapping):
       checked before loading, local rank 0 downloads under torchrun, clear offline errors.
     * ``file`` / ``local-dir:`` sources are read by :func:`load_checkpoint_file` (official checkpoints pickle apex
       objects, which timm's ``torch.load(weights_only=True)`` refuses) and verified whenever a hash is known.
+    * Weights not on the Hub yet come from the authors' release (:func:`an_zoo.official.fetch_official`) when the
+      manifest names their ``official_source`` and the user has accepted their licence.
 """
 import difflib
 import json
@@ -117,6 +119,12 @@ def _read_pretrained(variant: str, cfg: Dict[str, Any]) -> Optional[Dict[str, An
             repo_id=repo_id, filename=cfg.get('hf_hub_filename') or 'model.safetensors', revision=revision or None))
     if cfg.get('url'):
         return None
+    if entry is not None and entry.official_source:
+        # not on the Hub yet: the authors' own release, once its licence is accepted (an_zoo.licenses)
+        from ..official import fetch_official
+        path = fetch_official(entry)
+        cfg.update(source='official', file=str(path))  # recorded on the model: where its weights came from
+        return load_checkpoint_file(path)
     raise _no_weights_error(variant, cfg)
 
 
@@ -156,4 +164,6 @@ def build_an_model(
         model.pretrained_cfg.pop('state_dict', None)
         if source:
             model.pretrained_cfg['source'] = source
+        if source == 'official':
+            model.pretrained_cfg['file'] = cfg['file']
     return model
