@@ -103,9 +103,10 @@ def _download(url: str, target: Path, entry: WeightEntry) -> Path:
         return target
     if hub_settings()['offline']:
         raise _offline_error(entry, target, url)
+    gdown = _gdown()
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _gdown().download(url, str(target), quiet=False, resume=True, cookies_file=str(_cookies()))
+        gdown.download(url, str(target), quiet=False, resume=True, cookies_file=str(_cookies()))
     except Exception as err:  # gdown raises its own and requests' errors
         raise WeightsUnavailableError(
             f'{entry.name}: downloading the official file {url} failed ({type(err).__name__}: {err}). A partial '
@@ -127,8 +128,9 @@ def _folder_files(entry: WeightEntry, download_dir: Path) -> Dict[str, Path]:
     if hub_settings()['offline']:
         missing = next(t for t in targets.values() if not t.is_file())
         raise _offline_error(entry, missing, f'{url} ({source["path"]}*/{missing.name})')
+    gdown = _gdown()
     try:
-        listing = _gdown().download_folder(id=source['id'], skip_download=True, quiet=True, use_cookies=False)
+        listing = gdown.download_folder(id=source['id'], skip_download=True, quiet=True, use_cookies=False)
     except Exception as err:
         raise WeightsUnavailableError(f'{entry.name}: listing the official Drive folder {url} failed '
                                       f'({type(err).__name__}: {err})') from err

@@ -96,6 +96,18 @@ def test_forward_backward_and_head(name):
 
 
 @pytest.mark.parametrize('name', MODELS)
+def test_meta_device(name):
+    # as timm's BatchNorm models: built without memory, then run for shapes (FLOP counters, accelerate's init)
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=5)
+    x = torch.empty(2, 3, IMG, IMG, device='meta')
+    model(x).sum().backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize('name', MODELS)
 def test_pretrained_cfg(name):
     model = timm.create_model(name)
     cfg = model.pretrained_cfg

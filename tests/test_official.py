@@ -380,3 +380,11 @@ def test_import_official_publish_then_hub_load_bit_exact(drive, tmp_path):
     assert hub_state.keys() == converted.keys()
     for key, value in converted.items():
         assert torch.equal(hub_state[key], value), key
+
+
+def test_missing_gdown_says_how_to_install(drive, monkeypatch):
+    monkeypatch.setenv('AN_ZOO_ACCEPT_LICENSE', 'aognet-v2')
+    monkeypatch.setitem(sys.modules, 'gdown', None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install "an_zoo\[official\]"'):
+        timm.create_model(ZIP_WEIGHT, pretrained=True)
+    assert drive.downloads(drive.zip_id) == 0

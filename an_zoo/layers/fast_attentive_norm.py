@@ -116,6 +116,8 @@ def _channel_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mean: tor
 
 def _no_autocast(device_type: str):
     """The (N, C) / (N, K) algebra runs in float32 even under autocast (autocast would recast its matmuls)."""
+    if device_type == 'meta':  # shape-only tensors: no autocast exists there (and torch refuses to be asked)
+        return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
         else contextlib.nullcontext()
 
