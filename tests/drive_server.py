@@ -16,7 +16,6 @@ import datetime
 import hashlib
 import html
 import secrets
-import select
 import socket
 import ssl
 import threading
@@ -230,4 +229,4 @@ class _DriveHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-__all__ = ['LocalDrive', 'HOSTS', 'select']
+__all__ = ['LocalDrive', 'HOSTS']

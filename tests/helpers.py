@@ -11,3 +11,27 @@ def calibrated(model, x):
     with torch.no_grad():
         model.train()(x)
     return model.eval()
+
+
+# two processes of one node (LOCAL_RANK 0 and 1) in a gloo process group, each creating the model named by argv[1]
+# with pretrained=True: what a torchrun launch does when every rank builds its model
+TWO_RANKS_PRETRAINED = '''
+import os, socket, sys, torch.distributed as dist, torch.multiprocessing as mp
+
+
+def worker(rank, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    import timm, an_zoo
+    timm.create_model(sys.argv[1], pretrained=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port,), nprocs=2)
+'''

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from drive_server import LocalDrive
+from helpers import TWO_RANKS_PRETRAINED
 from hf_server import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,26 +332,9 @@ def _subprocess(args, env, check=True):
 
 def test_torchrun_downloads_once(drive, tmp_path):
     script = tmp_path / 'ddp.py'
-    script.write_text(textwrap.dedent(f'''
-        import os, socket, sys, torch.distributed as dist, torch.multiprocessing as mp
-
-        def worker(rank, port):
-            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
-                              MASTER_PORT=str(port))
-            dist.init_process_group('gloo', rank=rank, world_size=2)
-            import timm, an_zoo
-            timm.create_model('{ZIP_WEIGHT}', pretrained=True)
-            dist.barrier()
-            dist.destroy_process_group()
-
-        if __name__ == '__main__':
-            with socket.socket() as s:
-                s.bind(('127.0.0.1', 0))
-                port = s.getsockname()[1]
-            mp.spawn(worker, args=(port,), nprocs=2)
-    '''))
+    script.write_text(TWO_RANKS_PRETRAINED)
     env = dict(os.environ, AN_ZOO_ACCEPT_LICENSE='aognet-v2', PYTHONPATH=str(REPO))
-    _subprocess([str(script)], env)
+    _subprocess([str(script), ZIP_WEIGHT], env)
     assert drive.downloads(drive.zip_id) == 1
 
 

@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 
+from helpers import TWO_RANKS_PRETRAINED
 from hf_server import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,28 +216,8 @@ check(torch.hub.load(sys.argv[1], 'model', source='local'), torch.load(sys.argv[
 
 
 def test_torchrun_only_local_rank_zero_downloads(published, tmp_path):
-    code = '''
-        import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-
-        def worker(rank, port):
-            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
-                              MASTER_PORT=str(port))
-            dist.init_process_group('gloo', rank=rank, world_size=2)
-            import timm, an_zoo
-            model = timm.create_model(sys.argv[1], pretrained=True)
-            dist.barrier()
-            dist.destroy_process_group()
-
-        if __name__ == '__main__':
-            import socket
-            with socket.socket() as s:
-                s.bind(('127.0.0.1', 0))
-                port = s.getsockname()[1]
-            mp.spawn(worker, args=(port,), nprocs=2)
-            print('DONE')
-    '''
     script = tmp_path / 'ddp.py'
-    script.write_text(textwrap.dedent(code))
+    script.write_text(TWO_RANKS_PRETRAINED)
     hub = published['hub']
     before = len([r for r in hub.requests if r[1].endswith('model.safetensors') and r[0] == 'GET'])
     env = _env(tmp_path, hub.url, published['manifest'])
