@@ -1,5 +1,20 @@
 """Small helpers shared by test modules (the tests folder is on sys.path, as for hf_server)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(args, env, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """``python *args`` in the repo root with ``env``; a failure (with ``check``) shows its output."""
+    result = subprocess.run([sys.executable, *args], env=env, cwd=str(REPO), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}')
+    return result
 
 
 def calibrated(model, x):

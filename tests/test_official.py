@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from drive_server import LocalDrive
-from helpers import TWO_RANKS_PRETRAINED
+from helpers import TWO_RANKS_PRETRAINED, run_python
 from hf_server import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,8 +190,7 @@ def test_download_convert_lock_then_verified_cache(drive, official, capsys):
     with pytest.raises(WeightsVerificationError, match='differ from those recorded'):
         timm.create_model(ZIP_WEIGHT, pretrained=True)
     assert converted.read_bytes() == bytes(damaged)
-    result = subprocess.run([sys.executable, '-m', 'an_zoo', 'verify', ZIP_WEIGHT], env=dict(os.environ),
-                            capture_output=True, text=True, cwd=str(REPO))
+    result = run_python(['-m', 'an_zoo', 'verify', ZIP_WEIGHT], dict(os.environ), check=False)
     assert result.returncode == 1 and 'FAILED' in result.stdout
 
 
@@ -322,19 +320,11 @@ def test_mmcv_config_is_read_as_data(tmp_path):
     assert not marker.exists()
 
 
-def _subprocess(args, env, check=True):
-    result = subprocess.run([sys.executable, *args], env=env, cwd=str(REPO), capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f'{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}')
-    return result
-
-
 def test_torchrun_downloads_once(drive, tmp_path):
     script = tmp_path / 'ddp.py'
     script.write_text(TWO_RANKS_PRETRAINED)
     env = dict(os.environ, AN_ZOO_ACCEPT_LICENSE='aognet-v2', PYTHONPATH=str(REPO))
-    _subprocess([str(script), ZIP_WEIGHT], env)
+    run_python([str(script), ZIP_WEIGHT], env)
     assert drive.downloads(drive.zip_id) == 1
 
 
@@ -343,7 +333,7 @@ def test_import_official_publish_then_hub_load_bit_exact(drive, tmp_path):
     with LocalHub() as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN='test-token', HF_HUB_DISABLE_TELEMETRY='1',
                    PYTHONPATH=str(REPO))
-        result = _subprocess(['-m', 'an_zoo', 'import-official', ZIP_WEIGHT, '--accept-license', '--out', str(out)],
+        result = run_python(['-m', 'an_zoo', 'import-official', ZIP_WEIGHT, '--accept-license', '--out', str(out)],
                              env)
         assert f'python scripts/publish.py {ZIP_WEIGHT} --dir {out}' in result.stdout
         entry = next(w for w in json.loads(drive.manifest.read_text())['weights']
@@ -352,11 +342,11 @@ def test_import_official_publish_then_hub_load_bit_exact(drive, tmp_path):
         assert entry['sha256'] == lock['converted']['sha256'] and entry['num_params'] == 3_672_760
         assert entry['official_source']['sha256'] == lock['official_files']['official.zip']['sha256']
         assert {p.name for p in (out / ZIP_WEIGHT).iterdir()} == {'model.safetensors', 'config.json', 'README.md'}
-        _subprocess(['scripts/publish.py', ZIP_WEIGHT, '--dir', str(out)], env)
+        run_python(['scripts/publish.py', ZIP_WEIGHT, '--dir', str(out)], env)
         shutil.rmtree(drive.cache)  # the Hub copy, not the official conversion, must be what loads now
         code = (f'import torch, timm, an_zoo\nm = timm.create_model("{ZIP_WEIGHT}", pretrained=True)\n'
                 f'torch.save(m.state_dict(), "{tmp_path / "hub.pt"}")\nprint(m.pretrained_cfg.get("hf_hub_id"))')
-        result = _subprocess(['-c', code], dict(env, AN_ZOO_ACCEPT_LICENSE=''))
+        result = run_python(['-c', code], dict(env, AN_ZOO_ACCEPT_LICENSE=''))
         assert f'an-zoo/{ZIP_WEIGHT}' in result.stdout
     hub_state = torch.load(tmp_path / 'hub.pt', weights_only=True)
     converted = load_file(str(out / ZIP_WEIGHT / 'model.safetensors'))

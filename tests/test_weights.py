@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import timm
 import torch
 
-from helpers import TWO_RANKS_PRETRAINED
+from helpers import TWO_RANKS_PRETRAINED, run_python
 from hf_server import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,19 +35,7 @@ def _env(tmp: Path, hub_url: str, manifest: Path, cache: str = 'hf_home', **extr
 
 
 def _run(code: str, env: dict, check: bool = True, args=()) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code), *args], env=env, cwd=str(REPO),
-                            capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f'exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}')
-    return result
-
-
-def _script(args, env, check=True):
-    result = subprocess.run([sys.executable, *args], env=env, cwd=str(REPO), capture_output=True, text=True,
-                            timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f'{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}')
-    return result
+    return run_python(['-c', textwrap.dedent(code), *args], env, check=check, timeout=300)
 
 
 # the weights must come back bit-identical, and so must the outputs of the same network computed in this process
@@ -92,11 +79,11 @@ def published(tmp_path_factory):
     with torch.no_grad():
         torch.save({'x': x, 'state_dict': source.state_dict()}, tmp / 'expected.pt')
     env = _env(tmp, hub.url, manifest)
-    _script(['scripts/convert_official.py', str(tmp / 'official.pth.tar'), '--model', WEIGHT,
+    run_python(['scripts/convert_official.py', str(tmp / 'official.pth.tar'), '--model', WEIGHT,
              '--out', str(tmp / 'converted')], env)
-    dry = _script(['scripts/publish.py', WEIGHT, '--dir', str(tmp / 'converted'), '--dry-run'], env)
+    dry = run_python(['scripts/publish.py', WEIGHT, '--dir', str(tmp / 'converted'), '--dry-run'], env)
     assert 'would create' in dry.stdout and not [r for r in hub.requests if r[0] == 'POST']  # dry run: no upload
-    _script(['scripts/publish.py', WEIGHT, '--dir', str(tmp / 'converted')], env)
+    run_python(['scripts/publish.py', WEIGHT, '--dir', str(tmp / 'converted')], env)
     yield dict(hub=hub, tmp=tmp, manifest=manifest, expected=tmp / 'expected.pt')
     hub.stop()
 
@@ -180,20 +167,20 @@ print('HUB', model.pretrained_cfg.get('hf_hub_id'))
 
 def test_cli_download_verify_bundle(published, tmp_path):
     env = _env(tmp_path, published['hub'].url, published['manifest'])
-    out = _script(['-m', 'an_zoo', 'download', ARCH], env)
+    out = run_python(['-m', 'an_zoo', 'download', ARCH], env)
     assert 'sha256 verified' in out.stdout
-    assert f'{WEIGHT}: ok' in _script(['-m', 'an_zoo', 'verify'], env).stdout
+    assert f'{WEIGHT}: ok' in run_python(['-m', 'an_zoo', 'verify'], env).stdout
     blob = next((tmp_path / 'hf_home').rglob('model.safetensors')).resolve()
     good = blob.read_bytes()
     blob.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # bit rot in the cache
-    failed = _script(['-m', 'an_zoo', 'verify'], env, check=False)
+    failed = run_python(['-m', 'an_zoo', 'verify'], env, check=False)
     assert failed.returncode == 1 and 'FAILED' in failed.stdout and 'sha256 mismatch' in failed.stdout
     blob.write_bytes(good)
 
     bundle = tmp_path / 'bundle'
-    _script(['-m', 'an_zoo', 'bundle', WEIGHT, str(bundle)], env)
+    run_python(['-m', 'an_zoo', 'bundle', WEIGHT, str(bundle)], env)
     assert {p.name for p in bundle.iterdir()} == {'model.safetensors', 'config.json', 'README.md', 'hubconf.py'}
-    refused = _script(['-m', 'an_zoo', 'bundle', WEIGHT, str(bundle)], env, check=False)
+    refused = run_python(['-m', 'an_zoo', 'bundle', WEIGHT, str(bundle)], env, check=False)
     assert refused.returncode != 0 and 'not empty' in refused.stderr
     moved = tmp_path / 'elsewhere' / 'bundle'  # relocatable
     shutil.move(str(bundle), moved)
@@ -221,7 +208,7 @@ def test_torchrun_only_local_rank_zero_downloads(published, tmp_path):
     hub = published['hub']
     before = len([r for r in hub.requests if r[1].endswith('model.safetensors') and r[0] == 'GET'])
     env = _env(tmp_path, hub.url, published['manifest'])
-    _script([str(script), ARCH], env)
+    run_python([str(script), ARCH], env)
     gets = [r for r in hub.requests if r[1].endswith('model.safetensors') and r[0] == 'GET']
     assert len(gets) == before + 1  # one download for two ranks
 
