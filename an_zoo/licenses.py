@@ -7,7 +7,7 @@ downloads them from their official source only after the user has accepted that 
     an_zoo.accept_license('aognet-v2')                       # API: remembered in the an_zoo cache
     python -m an_zoo download an_resnet50 --accept-license   # CLI: remembered in the an_zoo cache
 
-The keys are those of the weights manifest's ``licenses`` block; ``python -m an_zoo licenses`` lists them.
+The keys are those of the weights manifest's ``licenses`` block (:func:`known_licenses`).
 """
 import json
 import os

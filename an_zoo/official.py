@@ -33,8 +33,8 @@ from .hub import (WeightsUnavailableError, WeightsVerificationError, _local_rank
                   hub_settings, sha256_file, verify_file)
 from .licenses import require_license
 
-__all__ = ['OfficialSourceError', 'OfficialFileError', 'fetch_official', 'import_official', 'convert_checkpoint', 'official_cache_dir',
-           'read_lock', 'verify_cached']
+__all__ = ['OfficialSourceError', 'OfficialFileError', 'fetch_official', 'import_official', 'convert_checkpoint',
+           'official_cache_dir', 'read_lock', 'verify_cached']
 
 DRIVE_FILE_URL = 'https://drive.google.com/uc?id={id}'
 DRIVE_FOLDER_URL = 'https://drive.google.com/drive/folders/{id}'
@@ -179,19 +179,29 @@ def _official_files(entry: WeightEntry, folder: Path, source: Optional[Path]) ->
 
 
 def _verify_raw(entry: WeightEntry, raw: Dict[str, Path], lock: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Hash the raw official files; check them against the manifest's pin or the lock (trust on first use)."""
+    """Hash the raw official files (once each); check them against the manifest's pin or the lock (trust on first
+    use). A mismatch raises :class:`WeightsVerificationError`; the file is kept."""
     records = {}
     pinned = entry.official_source.get('sha256')
     for name, path in raw.items():
         if not path.is_file():
             raise FileNotFoundError(f'{entry.name}: official file {path} not found')
+        record = _record(path)
         if pinned and name == ARCHIVE_NAME:
-            _check(path, {'sha256': pinned, 'size': entry.official_source.get('size')}, entry.name,
-                   f'the official archive of {entry.name} does not match the sha256 pinned in the manifest')
+            expected = {'sha256': pinned, 'size': entry.official_source.get('size')}
+            what = f'the official archive of {entry.name} does not match the sha256 pinned in the manifest'
         elif lock and name in lock.get('official_files', {}):
-            _check(path, lock['official_files'][name], entry.name,
-                   f'the official file {name} of {entry.name} differs from the one recorded at its first download')
-        records[name] = _record(path)
+            expected = lock['official_files'][name]
+            what = f'the official file {name} of {entry.name} differs from the one recorded at its first download'
+        else:
+            expected, what = {}, ''
+        differs = [k for k in ('sha256', 'size') if expected.get(k) is not None and expected[k] != record[k]]
+        if differs:
+            raise WeightsVerificationError(
+                f'{what}: {path} has {", ".join(f"{k} {record[k]}" for k in differs)}, expected '
+                f'{", ".join(f"{k} {expected[k]}" for k in differs)}. The file was kept and not loaded; delete it to '
+                f'download again.')
+        records[name] = record
     return records
 
 
