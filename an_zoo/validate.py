@@ -22,7 +22,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from .eval_sets import (EVAL_SETS, REAL_SET, RealScorer, ValidationError, find_eval_sets, get_eval_set,
                         open_eval_folder, real_targets)
+from ._env import device_name
 from .hub import sha256_file
 
 __all__ = ['ValidationError', 'evaluate', 'validate', 'validate_many', 'record_measurement', 'main']
@@ -41,22 +41,6 @@ _logger = logging.getLogger(__name__)
 
 _AMP_DTYPES = {'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16, 'float16': torch.float16, 'fp16': torch.float16}
 _GENERIC_SPLIT_NAMES = {'val', 'validation', 'test', 'eval'}
-
-
-def _hardware(device: torch.device) -> str:
-    """A short description of what ran the model: the GPU name, or the CPU model."""
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    if device.type == 'mps':
-        return 'Apple MPS'
-    name = ''
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine() or 'unknown'
-    return f'{name} (CPU, {torch.get_num_threads()} threads)'
 
 
 def _resolve_root(data_dir: Union[str, Path]) -> Path:
@@ -333,7 +317,7 @@ def validate_many(
                     (cfg.get('hf_hub_id') or 'pretrained') if pretrained else 'random init'),
         'weights_sha256': sha256_file(checkpoint) if checkpoint is not None else None,
         'date': datetime.date.today().isoformat(),
-        'hardware': _hardware(dev),
+        'hardware': device_name(dev),
         'amp': str(amp_dtype).replace('torch.', '') if amp_dtype is not None else False,
         'channels_last': channels_last, 'batch_size': batch_size,
         'torch': torch.__version__, 'timm': timm.__version__, 'an_zoo': an_zoo.__version__,

@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import an_zoo
+from an_zoo._docs import replace_block
 from an_zoo._manifest import load_manifest
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
@@ -66,14 +67,6 @@ def weights_table() -> str:
     return '\n'.join(rows) + '\n\nGenerated from `weights_manifest.json` by `python scripts/model_table.py --write`.'
 
 
-def _replace_block(text: str, marker: str, content: str) -> str:
-    start, end = f'<!-- {marker}:start -->', f'<!-- {marker}:end -->'
-    head, found, rest = text.partition(start)
-    if not found or end not in rest:
-        raise SystemExit(f'{README} has no {start} ... {end} block')
-    return f'{head}{start}\n{content}\n{end}{rest.partition(end)[2]}'
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--write', action='store_true', help='rewrite the table in README.md')
@@ -86,7 +79,7 @@ def main() -> int:
     text = README.read_text()
     updated = text
     for marker, content in tables.items():
-        updated = _replace_block(updated, marker, content)
+        updated = replace_block(updated, marker, content, where=str(README))
     if args.check:
         if updated != text:
             print('README.md tables are out of date: run python scripts/model_table.py --write', file=sys.stderr)

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import tempfile
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 import an_zoo  # noqa: F401  (registers the models)
+import golden_cases
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,8 +19,6 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 # accepted from the environment; tests that download accept a licence for a local Drive (tests/drive_server.py)
 os.environ['AN_ZOO_CACHE'] = tempfile.mkdtemp(prefix='an_zoo_test_cache_')
 os.environ.pop('AN_ZOO_ACCEPT_LICENSE', None)
-# CI checks out the repo next to ../shared; AN_ZOO_GOLDEN_DIR overrides
-GOLDEN_DIR = Path(os.environ.get('AN_ZOO_GOLDEN_DIR', REPO_ROOT.parent / 'shared' / 'golden'))
 
 
 @pytest.fixture(scope='module')
@@ -40,14 +38,8 @@ def _seed():
 
 @pytest.fixture(scope='session')
 def golden():
-    """(cases, materialize module, dir) of the official golden data; skipped with the reason if it is absent."""
-    if not (GOLDEN_DIR / 'cases.json').is_file():
-        pytest.skip(f'golden reference data not found at {GOLDEN_DIR} (set AN_ZOO_GOLDEN_DIR)')
-    spec = importlib.util.spec_from_file_location('golden_materialize', GOLDEN_DIR / 'materialize.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cases = json.loads((GOLDEN_DIR / 'cases.json').read_text())['cases']
-    return cases, module, GOLDEN_DIR
+    """(cases, the golden_cases module, data folder) of the golden reference cases committed under tests/golden."""
+    return golden_cases.load_cases(), golden_cases, golden_cases.GOLDEN_DIR
 
 
 @pytest.fixture(scope='session')

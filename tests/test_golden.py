@@ -7,15 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from an_zoo import AttentiveBatchNorm2d
+from golden_cases import load_cases, official_state_dict
 
 
 def _cases():
-    from conftest import GOLDEN_DIR
-    import json
-    path = GOLDEN_DIR / 'cases.json'
-    if not path.is_file():
-        return ['golden-data-absent']
-    return [case['name'] for case in json.loads(path.read_text())['cases']]
+    return [case['name'] for case in load_cases()]
 
 
 def _other_layout_cases():
@@ -35,8 +31,6 @@ def _assert_within(actual, expected, rtol, atol):
 def test_golden_case(case_name, golden, golden_checkpoints):
     cases, _, root = golden
     case = next(c for c in cases if c['name'] == case_name)
-    if case['timm_name'] not in timm.list_models('an_*'):
-        pytest.skip(f'{case["timm_name"]} is not implemented yet')
     n, tol = case['num_classes'], case['tolerance']
     model = timm.create_model(
         case['timm_name'], pretrained=True, num_classes=n, drop_rate=0.0,
@@ -56,13 +50,22 @@ def test_golden_case(case_name, golden, golden_checkpoints):
         logits = model(expected['input_train'].float())
     rms = expected['logits_train'].pow(2).mean().sqrt().item()
     _assert_within(logits, expected['logits_train'], tol['rtol'], tol['atol_train'] * max(1.0, rms))
-    # the AN layers are exactly where the reference has them
-    an_layers = [name for name, m in model.named_modules() if isinstance(m, AttentiveBatchNorm2d)]
-    assert len(an_layers) == len(case['an_layers'])
+    # the AN layers are exactly where the reference has them: each official AN layer's mixture weight (a unique
+    # random draw) sits in exactly one of ours, and every one of ours receives one
+    official = official_state_dict(case_name)
+    prefix = case['checkpoint']['key_prefix']
+    ours = {name: m.mixture_weight.detach() for name, m in model.named_modules() if isinstance(m, AttentiveBatchNorm2d)}
+    placed = {}
+    for name in case['an_layers']:
+        weight = official[f'{prefix}{name}.weight_'].float()
+        matches = [ours_name for ours_name, w in ours.items() if w.shape == weight.shape and torch.equal(w, weight)]
+        assert len(matches) == 1, f'official AN layer {name} matches {matches}'
+        placed[matches[0]] = name
+    assert sorted(placed) == sorted(ours), f'AN layers without an official counterpart: {set(ours) - set(placed)}'
 
 
 def _refactored_keys(key: str, case_name: str) -> str:
-    """The refactored release's names (iVMCL-Release) for a legacy golden key, per ../shared/golden/README.md."""
+    """The refactored release's names (iVMCL-Release) for a legacy golden key, (the stem, the attention and the AN norms renamed)."""
     key = key[len('module.network.'):].replace('.attention_weights.', '.attn_weights.')
     if 'resnet' in case_name:
         return 'module.' + re.sub(r'^(layer\d\.\d+)\.bn2\.', r'\1.AttnBN2d2.', key)
