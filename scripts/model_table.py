@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Generate the README's model table (registry, parameter counts, FLOPs) and weights table (weights manifest).
+"""Generate the model table (registry, parameter counts, FLOPs; docs/models.md) and the weights table (weights
+manifest; docs/weights.md).
 
     python scripts/model_table.py            # print the tables
-    python scripts/model_table.py --write    # rewrite the blocks between the markers in README.md
-    python scripts/model_table.py --check    # exit 1 if README.md is out of date (run by the tests)
+    python scripts/model_table.py --write    # rewrite the blocks between the markers in the docs pages
+    python scripts/model_table.py --check    # exit 1 if a page is out of date (run by the tests)
 """
 import argparse
 import sys
@@ -14,10 +15,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import an_zoo
-from an_zoo._docs import replace_block
+from an_zoo._docs import read_block, write_block
 from an_zoo._manifest import load_manifest
 
-README = Path(__file__).resolve().parents[1] / 'README.md'
+DOCS = Path(__file__).resolve().parents[1] / 'docs'
+PAGES = {'model-table': DOCS / 'models.md', 'weights-table': DOCS / 'weights.md'}
 
 
 def _an_summary(model: torch.nn.Module) -> str:
@@ -69,23 +71,24 @@ def weights_table() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--write', action='store_true', help='rewrite the table in README.md')
-    parser.add_argument('--check', action='store_true', help='fail if README.md differs from the generated table')
+    parser.add_argument('--write', action='store_true', help='rewrite the tables in the docs pages')
+    parser.add_argument('--check', action='store_true', help='fail if a docs page differs from the generated table')
     args = parser.parse_args()
     tables = {'model-table': model_table(), 'weights-table': weights_table()}
     if not (args.write or args.check):
         print('\n\n'.join(tables.values()))
         return 0
-    text = README.read_text()
-    updated = text
+    stale = []
     for marker, content in tables.items():
-        updated = replace_block(updated, marker, content, where=str(README))
-    if args.check:
-        if updated != text:
-            print('README.md tables are out of date: run python scripts/model_table.py --write', file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(updated)
+        page = PAGES[marker]
+        if args.write:
+            write_block(page, marker, content)
+        elif read_block(page.read_text(encoding='utf-8'), marker) != content:
+            stale.append(str(page.relative_to(DOCS.parent)))
+    if stale:
+        print(f'{", ".join(stale)}: generated tables are out of date: run python scripts/model_table.py --write',
+              file=sys.stderr)
+        return 1
     return 0
 
 
