@@ -1,4 +1,4 @@
-"""Fine-tune or train an ``an_*`` (or any timm) model: ``python -m an_zoo.train`` / ``scripts/train.py``.
+"""Fine-tune or train an ``an_*`` (or any timm) model: ``python -m an_zoo.train`` / ``an-zoo-train``.
 
 Built on timm's machinery (``create_dataset`` / ``create_loader`` / ``Mixup``, ``create_optimizer_v2`` with its
 weight-decay and layer-decay parameter groups, ``create_scheduler_v2``, ``ModelEmaV3``, ``NativeScaler``,
@@ -669,6 +669,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.distributed:
         torch.distributed.destroy_process_group()
     return dict(runs=results)
+
+
+def cli() -> int:
+    """The ``an-zoo-train`` console command (errors exit non-zero through ``SystemExit``)."""
+    main()
+    return 0
 
 
 if __name__ == '__main__':

@@ -143,3 +143,14 @@ def test_bad_manifest_is_refused_clearly(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match='not defined under "licenses"'):
         load_manifest(path)
+
+
+def test_console_commands_are_installed_and_run():
+    import importlib.metadata
+    import shutil
+    points = {p.name: p for p in importlib.metadata.entry_points(group='console_scripts')}
+    for name in ('an-zoo', 'an-zoo-train', 'an-zoo-validate'):
+        assert name in points, f'{name}: not installed (pip install -e .)'
+        assert callable(points[name].load())
+        result = subprocess.run([shutil.which(name) or name, '--help'], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and 'usage' in result.stdout.lower(), (name, result.stderr[-2000:])

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Type, TypeVar
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg, list_models
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, list_models, resolve_pretrained_cfg
 
 from .._manifest import WeightEntry, load_manifest, weight_entry
 from ..hub import fetch_weights, verify_file

@@ -23,10 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import create_classifier
-from timm.models import register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs
 
 from .._manifest import pretrained_cfgs
 from ..layers import AttentiveBatchNorm2d, attentive_norm_no_weight_decay

@@ -19,8 +19,7 @@ from typing import Any, Dict, List, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
-from timm.models import FeatureInfo, register_model
-from timm.models._registry import generate_default_cfgs
+from timm.models import FeatureInfo, generate_default_cfgs, register_model
 from timm.models.densenet import DenseBlock, DenseLayer, DenseNet
 
 from .._manifest import pretrained_cfgs

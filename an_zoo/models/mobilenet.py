@@ -22,10 +22,9 @@ from typing import Any, Dict, Sequence, Set
 
 import torch.nn as nn
 from timm.layers import get_act_layer
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
-from timm.models._registry import generate_default_cfgs
 from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3, MobileNetV3Features
 

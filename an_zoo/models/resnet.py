@@ -19,8 +19,7 @@ from functools import partial
 from typing import Any, Dict, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch.nn as nn
-from timm.models import register_model
-from timm.models._registry import generate_default_cfgs
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .._manifest import pretrained_cfgs
