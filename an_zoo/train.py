@@ -253,7 +253,7 @@ def train_one_epoch(args, epoch: int, model: nn.Module, loader, optimizer, crite
             scheduler.step_update(num_updates=num_updates)
         problem = nonfinite_report(loss, buffers)
         if problem is not None:
-            raise NonFiniteError(f'training stopped at epoch {epoch + 1} step {step + 1}/{steps} (update '
+            raise NonFiniteError(f'training stopped at epoch {epoch + 1} step {step + 1}/{steps} (after update '
                                  f'{num_updates}): {problem}. Nothing of this epoch was saved. Check the images of '
                                  f'this step for NaN / inf, lower --lr, or try --amp-dtype bfloat16 / --clip-grad; '
                                  f'then --resume continues from the last saved epoch')
