@@ -53,7 +53,7 @@ from .train_state import (
 from .validate import evaluate
 
 __all__ = ['build_parser', 'parse_args', 'load_recipe', 'train', 'bn_twin_name', 'freeze_groups', 'main',
-           'NonFiniteError']
+           'NonFiniteError', 'nonfinite_report']
 
 def bn_twin_name(model_name: str) -> str:
     """The timm BatchNorm model an ``an_*`` architecture is built from (``an_resnet18_bn12`` -> ``resnet18``)."""

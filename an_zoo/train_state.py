@@ -46,6 +46,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- run identity
 
 def new_run_id() -> str:
+    """A fresh, random run id."""
     return uuid.uuid4().hex
 
 
@@ -89,8 +90,8 @@ def check_writable(run_dir: Path) -> None:
 
 # -------------------------------------------------------------------------------------------- save / list / prune
 
-def save_train_state(out_dir: Path, epoch: int, model: nn.Module, ema: Optional[nn.Module], optimizer, scaler,
-                     state: Dict[str, Any]) -> Path:
+def save_train_state(out_dir: Path, epoch: int, model: nn.Module, ema: Optional[nn.Module],
+                     optimizer: torch.optim.Optimizer, scaler: Optional[Any], state: Dict[str, Any]) -> Path:
     """Write ``checkpoint-E.safetensors`` (model weights; ``.ema.safetensors`` for the EMA model), then
     ``checkpoint-E.pth`` with ``state`` plus the epoch, optimizer and scaler state. Each file is written
     atomically and the ``.pth`` last, so its presence marks a complete state. Returns the ``.pth`` path."""
@@ -119,9 +120,10 @@ def _epoch_of(path: Path) -> int:
 
 
 def list_train_states(out_dir: Path) -> List[Path]:
-    """The ``checkpoint-E.pth`` training states in ``out_dir`` whose weights file is present, oldest first."""
+    """The ``checkpoint-E.pth`` training states in ``out_dir``, oldest first (:func:`read_train_state` tells whether
+    one is complete: readable, with its weights)."""
     found = [p for p in Path(out_dir).glob(f'{CHECKPOINT_PREFIX}*.pth')
-             if p.name[len(CHECKPOINT_PREFIX):-len('.pth')].isdigit() and p.with_suffix('.safetensors').is_file()]
+             if p.name[len(CHECKPOINT_PREFIX):-len('.pth')].isdigit()]
     return sorted(found, key=_epoch_of)
 
 
@@ -249,8 +251,9 @@ def _is_complete(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- load
 
-def load_train_state(path: Path, state: Dict[str, Any], model: nn.Module, ema: Optional[nn.Module], optimizer,
-                     scaler, model_name: str, num_classes: int) -> None:
+def load_train_state(path: Path, state: Dict[str, Any], model: nn.Module, ema: Optional[nn.Module],
+                     optimizer: torch.optim.Optimizer, scaler: Optional[Any], model_name: str,
+                     num_classes: int) -> None:
     """Load the weights, EMA weights, optimizer and scaler of the training state ``path`` (``state``: its content,
     from :func:`read_train_state`) into a freshly built run; a state of another model or class count is refused."""
     from safetensors.torch import load_file

@@ -79,11 +79,15 @@ def test_resume_branches_into_a_new_folder_and_never_rewinds_a_run(run_b, tmp_pa
     ('truncate', r'checkpoint-1.pth: not a readable training state, the file is damaged, truncated'),
     ('empty', r'checkpoint-1.pth: the file is empty \(0 bytes'),
     ('weights', r'checkpoint-1.safetensors is damaged or truncated'),
+    ('no-weights', r'checkpoint-1.pth: its model weights .*checkpoint-1.safetensors is missing'),
 ])
 def test_damaged_state_is_named_and_a_run_folder_falls_back(run_b, damage, message):
-    target = run_b / ('checkpoint-1.safetensors' if damage == 'weights' else 'checkpoint-1.pth')
+    target = run_b / ('checkpoint-1.pth' if damage in ('truncate', 'empty') else 'checkpoint-1.safetensors')
     data = target.read_bytes()
-    target.write_bytes(b'' if damage == 'empty' else data[:len(data) // 2])
+    if damage == 'no-weights':
+        target.unlink()
+    else:
+        target.write_bytes(b'' if damage == 'empty' else data[:len(data) // 2])
     with pytest.raises(TrainStateError, match=message):
         main(TINY + ['--epochs', '2', '--resume', str(run_b / 'checkpoint-1.pth')])
     # a run folder (or --resume latest) continues from the newest complete state, with a warning naming the file
