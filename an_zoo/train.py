@@ -17,7 +17,8 @@ weight-decay and layer-decay parameter groups, ``create_scheduler_v2``, ``ModelE
   ``summary.csv`` / ``log.json`` and a ``curves.png`` plot.
 
 Recipes are timm train-args YAML files (``--config recipes/an_resnet50.aog_e120_in1k.yaml``); the keys are the
-argument names below.
+argument names of :mod:`an_zoo.train_args`. Training states, run identity and ``--resume`` rules are in
+:mod:`an_zoo.train_state`, the logs and plot in :mod:`an_zoo.train_logs`; this module runs the training.
 """
 import argparse
 import math
@@ -183,7 +184,9 @@ def nonfinite_report(loss: torch.Tensor, buffers: Sequence[Tuple[str, torch.Tens
     """None if ``loss`` and every buffer are finite, else what is not: the loss, and the layers whose running
     statistics hold NaN / inf (first in model order: where a bad batch hit first)."""
     loss_ok = bool(torch.isfinite(loss.detach()).all())
-    flags = torch.stack([torch.isfinite(buf).all() for _, buf in buffers]) if buffers else None
+    # max |x| per buffer in a few fused kernels (NaN and inf survive it), instead of one check per buffer
+    flags = torch.isfinite(torch.stack(torch._foreach_norm([buf for _, buf in buffers], float('inf')))) \
+        if buffers else None
     if loss_ok and (flags is None or bool(flags.all())):
         return None
     problems = [] if loss_ok else [f'the loss is {loss.detach().float().mean().item()}']
