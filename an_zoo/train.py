@@ -301,9 +301,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             raise FileExistsError(f'{out_dir} already holds a run; pass --resume to continue it or choose another '
                                   f'--output (nothing there was changed)')
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # what a failed start removes again
-    if _is_main(args):
-        check_writable(out_dir)
     try:
+        if _is_main(args):
+            check_writable(out_dir)
         return _train(args, out_dir, run_id, resume)
     except BaseException:
         for folder in created:  # innermost first; only folders this run created and left empty
