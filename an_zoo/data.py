@@ -4,14 +4,15 @@ The embedded default is scikit-learn's copy of the UCI handwritten-digits set (1
 digits 0-9, written by 43 people). It ships inside the scikit-learn wheel (the ``train`` / ``demo`` extras), so
 ``python -m an_zoo.train`` works on a machine with no network and no data of its own.
 """
+import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch.utils.data
 from PIL import Image
 
-__all__ = ['DigitsDataset', 'EMBEDDED_DATASET', 'create_train_eval_datasets']
+__all__ = ['DigitsDataset', 'EMBEDDED_DATASET', 'create_train_eval_datasets', 'dataset_num_classes']
 
 EMBEDDED_DATASET = 'digits'
 
@@ -98,4 +99,35 @@ def create_train_eval_datasets(
                                         f'(or validation/) sub-folders with one folder per class')
     train = create_dataset(name, root=data_dir, split=train_split, is_training=True, download=download, seed=seed)
     evaluation = create_dataset(name, root=data_dir, split=val_split, is_training=False, download=download)
+    train_index, eval_index = _class_to_idx(train), _class_to_idx(evaluation)
+    if train_index is not None and eval_index is not None and train_index != eval_index:
+        # each split numbers its own class folders: one class index, the training split's, for both
+        where = (f'{Path(data_dir) / train_split}/', f'{Path(data_dir) / val_split}/') if data_dir else (
+            f'split {train_split!r}', f'split {val_split!r}')
+        unknown = sorted(set(eval_index) - set(train_index))
+        if unknown:
+            raise ValueError(f'the held-out {where[1]} has class folder(s) {unknown} that the training {where[0]} '
+                             f'lacks, so no label can be given to them; add them to {where[0]} or remove them from '
+                             f'{where[1]}')
+        absent = sorted(set(train_index) - set(eval_index))
+        if absent:
+            warnings.warn(f'the held-out {where[1]} has no class folder(s) {absent} of the training {where[0]}; '
+                          f'held-out images are labelled with the training split\'s {len(train_index)} classes',
+                          stacklevel=2)
+        evaluation = create_dataset(name, root=data_dir, split=val_split, is_training=False, download=download,
+                                    class_map=train_index)
     return train, evaluation
+
+
+def _class_to_idx(dataset: torch.utils.data.Dataset) -> Optional[Dict[str, int]]:
+    """The class-name index of a timm folder / tar dataset; None for datasets that number classes otherwise."""
+    mapping = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    return dict(mapping) if mapping else None
+
+
+def dataset_num_classes(dataset: torch.utils.data.Dataset) -> Optional[int]:
+    """The number of classes a dataset declares (``classes`` or a timm reader's class index); None if unknown."""
+    if getattr(dataset, 'classes', None) is not None:
+        return len(dataset.classes)
+    mapping = _class_to_idx(dataset)
+    return len(mapping) if mapping else None

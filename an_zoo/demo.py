@@ -31,6 +31,20 @@ def sample_images() -> List[Tuple[str, Image.Image]]:
     return [(name, Image.fromarray(load_sample_image(name))) for name in ('china.jpg', 'flower.jpg')]
 
 
+def features_model(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The ``features_only`` variant of ``model`` with its weights. The classifier (named by the model's
+    ``pretrained_cfg``) and head layers after the last feature stage (e.g. MobileNet's ``conv_head``) have no place in
+    it; every weight the feature net does have must come from ``model``."""
+    features = timm.create_model(name, features_only=True)
+    classifier = model.pretrained_cfg.get('classifier') or ()
+    prefixes = tuple(f'{c}.' for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    missing = features.load_state_dict(state, strict=False).missing_keys
+    if missing:
+        raise RuntimeError(f'the features_only {name} has weights the classifier model lacks: {missing[:5]}')
+    return features
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='an_resnet50', help='an_* model name (default: an_resnet50)')
@@ -61,8 +75,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     info = ImageNetInfo()
     with torch.no_grad():
         probs = model(batch).softmax(dim=-1)
-        features = timm.create_model(args.model, features_only=True)
-        features.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith('fc.')})
+        features = features_model(model, args.model)
         pyramid = features.eval()(batch)
     for (name, image), p in zip(images, probs):
         top = p.topk(3)

@@ -17,10 +17,10 @@ weight-decay and layer-decay parameter groups, ``create_scheduler_v2``, ``ModelE
   ``summary.csv`` / ``log.json`` and a ``curves.png`` plot.
 
 Recipes are timm train-args YAML files (``--config recipes/an_resnet50.aog_e120_in1k.yaml``); the keys are the
-argument names below.
+argument names of :mod:`an_zoo.train_args`. Training states, run identity and ``--resume`` rules are in
+:mod:`an_zoo.train_state`, the logs and plot in :mod:`an_zoo.train_logs`; this module runs the training.
 """
 import argparse
-import json
 import math
 import random
 import shutil
@@ -41,155 +41,20 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import group_modules
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, NativeScaler, init_distributed_device, update_summary
+from timm.utils import ModelEmaV3, NativeScaler, init_distributed_device
 
-from . import __version__
 from ._io import atomic_write
-from .data import EMBEDDED_DATASET, create_train_eval_datasets
+from .data import create_train_eval_datasets, dataset_num_classes
 from .layers import attentive_norm_no_weight_decay, convert_sync_batchnorm, freeze_batch_norm_2d
+from .train_args import build_parser, load_recipe, parse_args
+from .train_logs import write_logs
+from .train_state import (
+    CHECKPOINT_PREFIX, RUN_FILE, check_writable, holds_run, load_train_state, new_run_id, prune_train_states,
+    resolve_resume, resume_run_dir, save_train_state, write_run_file)
 from .validate import evaluate
 
-__all__ = ['build_parser', 'parse_args', 'train', 'bn_twin_name', 'main']
-
-# The embedded default recipe: digits are 8x8 grey images, so no flips (a flipped 2 is not a 2) and mild crops;
-# measured on 2 CPU cores in the README. Applied only when the dataset is the embedded one.
-EMBEDDED_DEFAULTS: Dict[str, Any] = dict(
-    model='an_resnet18_bn12', img_size=32, crop_pct=1.0, batch_size=64, epochs=6, opt='sgd', lr=0.1,
-    weight_decay=5e-4, sched='cosine', warmup_epochs=1, warmup_lr=0.01, min_lr=1e-4, hflip=0.0,
-    scale=(0.75, 1.0), ratio=(0.9, 1.1), color_jitter=0.0, workers=0, interpolation='bilinear',
-)
-CHECKPOINT_PREFIX = 'checkpoint-'
-
-
-def _tuple_of_floats(text: str) -> Tuple[float, ...]:
-    return tuple(float(v) for v in text.replace(',', ' ').split())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser. Destination names follow timm's ``train.py`` so its YAML recipes read the same."""
-    p = argparse.ArgumentParser(
-        prog='python -m an_zoo.train', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('-c', '--config', default=None, metavar='YAML',
-                   help='timm train-args YAML recipe; its keys set defaults, the command line still wins')
-
-    g = p.add_argument_group('data')
-    g.add_argument('--dataset', default=None,
-                   help="'digits' (embedded, offline; the default without --data-dir), 'folder' (ImageFolder "
-                        "under --data-dir; the default with it) or any timm create_dataset name ('hfds/<name>', "
-                        "'torch/cifar10', ...)")
-    g.add_argument('--data-dir', default=None, help='dataset root (an ImageFolder root with train/ and val/)')
-    g.add_argument('--train-split', default='train')
-    g.add_argument('--val-split', default='validation')
-    g.add_argument('--dataset-download', action='store_true', help='allow torch/* datasets to download')
-    g.add_argument('--img-size', type=int, default=None, help='input size (default: the model pretrained cfg)')
-    g.add_argument('--crop-pct', type=float, default=None)
-    g.add_argument('--interpolation', default='', help='eval resize interpolation (default: pretrained cfg)')
-    g.add_argument('--train-interpolation', default='random')
-    g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'))
-    g.add_argument('--ratio', type=float, nargs=2, default=(3. / 4., 4. / 3.), metavar=('MIN', 'MAX'))
-    g.add_argument('--hflip', type=float, default=0.5)
-    g.add_argument('--color-jitter', type=float, default=0.4)
-    g.add_argument('--aa', default=None, help="auto-augment policy, e.g. 'rand-m9-mstd0.5'")
-    g.add_argument('--reprob', type=float, default=0.0, help='random-erasing probability')
-    g.add_argument('--workers', type=int, default=4, help='data-loading processes per training process')
-    g.add_argument('--train-limit', type=int, default=None, metavar='N', help='use only the first N training images')
-    g.add_argument('--eval-limit', type=int, default=None, metavar='N', help='use only the first N held-out images')
-
-    g = p.add_argument_group('model')
-    g.add_argument('--model', default='an_resnet50')
-    g.add_argument('--pretrained', action='store_true', help="load the model's published weights")
-    g.add_argument('--initial-checkpoint', default=None, metavar='FILE',
-                   help='start from this checkpoint (an_zoo safetensors, or an official AN .pth.tar)')
-    g.add_argument('--num-classes', type=int, default=None, help='default: the dataset class count')
-    g.add_argument('--drop', type=float, default=None, help='dropout before the classifier')
-    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate')
-    g.add_argument('--freeze-groups', type=int, default=0,
-                   help="freeze the first N coarse parameter groups of timm's group_matcher (ResNet: 1 = stem, "
-                        "2 = stem + layer1, ...); their norms, AN included, are frozen in place")
-    g.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm and AN statistics under DDP')
-    g.add_argument('--channels-last', action='store_true')
-    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND')
-
-    g = p.add_argument_group('optimizer and schedule')
-    g.add_argument('--opt', default='sgd')
-    g.add_argument('--opt-eps', type=float, default=None)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--lr', type=float, default=0.1, help='learning rate, used as given (scale it yourself with the global batch size)')
-    g.add_argument('--weight-decay', type=float, default=1e-4)
-    g.add_argument('--no-norm-weight-decay', action=argparse.BooleanOptionalAction, default=True,
-                   help='exempt norm parameters, biases and the AN mixture from weight decay (the reference '
-                        "recipes' remove-norm-weight-decay)")
-    g.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay, e.g. 0.75')
-    g.add_argument('--clip-grad', type=float, default=None)
-    g.add_argument('--sched', default='cosine')
-    g.add_argument('--epochs', type=int, default=100)
-    g.add_argument('--warmup-epochs', type=int, default=5)
-    g.add_argument('--warmup-lr', type=float, default=1e-5)
-    g.add_argument('--min-lr', type=float, default=0.0)
-    g.add_argument('--cooldown-epochs', type=int, default=0)
-    g.add_argument('--batch-size', type=int, default=128, help='per process')
-    g.add_argument('--grad-accum-steps', type=int, default=1)
-
-    g = p.add_argument_group('regularization')
-    g.add_argument('--smoothing', type=float, default=0.0)
-    g.add_argument('--mixup', type=float, default=0.0)
-    g.add_argument('--cutmix', type=float, default=0.0)
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-mode', default='batch')
-    g.add_argument('--model-ema', action='store_true')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998)
-
-    g = p.add_argument_group('precision and device')
-    g.add_argument('--amp', action='store_true', help='autocast mixed precision')
-    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-
-    g = p.add_argument_group('run')
-    g.add_argument('--output', default=None,
-                   help='run folder (default: output/train/<time>-<model>-<dataset>); must not hold an earlier '
-                        'run unless --resume is given')
-    g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='PATH',
-                   help='continue from the newest checkpoint in --output (or PATH: a run folder or checkpoint)')
-    g.add_argument('--checkpoint-hist', type=int, default=2, help='epoch checkpoints kept (best is kept too)')
-    g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--log-interval', type=int, default=0, help='also print a line every N steps (0: off)')
-    g.add_argument('--no-progress', action='store_true', help='no progress bars')
-    g.add_argument('--compare-bn', action='store_true',
-                   help='afterwards, train the BatchNorm twin of --model with the same recipe and compare')
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Defaults < embedded-dataset recipe < ``--config`` YAML < command line."""
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    recipe = load_recipe(first.config, parser) if first.config else {}
-    dataset = first.dataset or recipe.get('dataset') or ('folder' if first.data_dir or recipe.get('data_dir')
-                                                         else EMBEDDED_DATASET)
-    parser.set_defaults(dataset=dataset)
-    if dataset == EMBEDDED_DATASET:
-        parser.set_defaults(**EMBEDDED_DEFAULTS)
-    parser.set_defaults(**recipe)
-    return parser.parse_args(argv)
-
-
-def load_recipe(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:
-    """Read a timm train-args YAML file; unknown keys are an error naming them (a typo would silently be ignored)."""
-    import yaml
-
-    parser = parser or build_parser()
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f'{path}: a recipe must be a YAML mapping of argument names to values')
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f'{path}: unknown keys {unknown}; valid keys are the argument names of '
-                         f'`python -m an_zoo.train --help` (with _ for -)')
-    return cfg
-
+__all__ = ['build_parser', 'parse_args', 'load_recipe', 'train', 'bn_twin_name', 'freeze_groups', 'main',
+           'NonFiniteError', 'nonfinite_report']
 
 def bn_twin_name(model_name: str) -> str:
     """The timm BatchNorm model an ``an_*`` architecture is built from (``an_resnet18_bn12`` -> ``resnet18``)."""
@@ -222,11 +87,6 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
     np.random.seed(s % 2 ** 32)
     torch.manual_seed(s)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, '_orig_mod', model)  # torch.compile
-    return getattr(model, 'module', model)  # DDP
 
 
 def create_train_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -308,16 +168,39 @@ class _Subset(torch.utils.data.Dataset):
         return self.dataset[self.indices[i]]
 
 
-def _num_classes(dataset: torch.utils.data.Dataset) -> int:
-    if getattr(dataset, 'classes', None) is not None:
-        return len(dataset.classes)
-    reader = getattr(dataset, 'reader', None)
-    if reader is not None and getattr(reader, 'class_to_idx', None):
-        return len(reader.class_to_idx)
-    raise ValueError('cannot tell the number of classes of this dataset: pass --num-classes')
-
-
 # ---------------------------------------------------------------------------------------------- train / evaluate
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped because the loss or a layer's running statistics became NaN or infinite."""
+
+
+def _statistics_buffers(model: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """The floating-point buffers (BatchNorm / AN running statistics) of ``model``, in registration order."""
+    model = getattr(model, '_orig_mod', model)
+    return [(name, buf) for name, buf in getattr(model, 'module', model).named_buffers() if buf.is_floating_point()]
+
+
+def nonfinite_report(loss: torch.Tensor, buffers: Sequence[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """None if ``loss`` and every buffer are finite, else what is not: the loss, and the layers whose running
+    statistics hold NaN / inf (first in model order: where a bad batch hit first)."""
+    loss_ok = bool(torch.isfinite(loss.detach()).all())
+    # max |x| per buffer in a few fused kernels (NaN and inf survive it), instead of one check per buffer
+    flags = torch.isfinite(torch.stack(torch._foreach_norm([buf for _, buf in buffers], float('inf')))) \
+        if buffers else None
+    if loss_ok and (flags is None or bool(flags.all())):
+        return None
+    problems = [] if loss_ok else [f'the loss is {loss.detach().float().mean().item()}']
+    if flags is not None:
+        layers: Dict[str, List[str]] = {}
+        for (name, _), ok in zip(buffers, flags.tolist()):
+            if not ok:
+                layer, _, buffer = name.rpartition('.')
+                layers.setdefault(layer or '<model>', []).append(buffer)
+        if layers:
+            shown = [f'{layer} ({", ".join(names)})' for layer, names in list(layers.items())[:3]]
+            more = f' and {len(layers) - 3} more layer(s)' if len(layers) > 3 else ''
+            problems.append(f'the running statistics of {"; ".join(shown)}{more} are NaN / inf')
+    return ', and '.join(problems)
 
 def _autocast(args: argparse.Namespace, device: torch.device):
     if not args.amp:
@@ -340,6 +223,9 @@ def train_one_epoch(args, epoch: int, model: nn.Module, loader, optimizer, crite
     steps = len(loader)
     loss_sum, seen, start = 0.0, 0, time.perf_counter()
     bar = _progress(args, loader, steps, f'epoch {epoch + 1}/{args.epochs} train')
+    # checked every step: a bad batch can poison the running statistics even when its loss is finite or its
+    # update is skipped, and later epochs would then evaluate (and save) a broken model
+    buffers = _statistics_buffers(model)
     optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(bar):
         images, targets = images.to(device), targets.to(device)
@@ -368,9 +254,12 @@ def train_one_epoch(args, epoch: int, model: nn.Module, loader, optimizer, crite
             if ema is not None:
                 ema.update(model, step=num_updates)
             scheduler.step_update(num_updates=num_updates)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1} step {step + 1}: lower --lr, '
-                                     f'or try --amp-dtype bfloat16 / --clip-grad')
+        problem = nonfinite_report(loss, buffers)
+        if problem is not None:
+            raise NonFiniteError(f'training stopped at epoch {epoch + 1} step {step + 1}/{steps} (after update '
+                                 f'{num_updates}): {problem}. Nothing of this epoch was saved. Check the images of '
+                                 f'this step for NaN / inf, lower --lr, or try --amp-dtype bfloat16 / --clip-grad; '
+                                 f'then --resume continues from the last saved epoch')
         loss_sum += loss.item() * images.shape[0]
         seen += images.shape[0]
         rate = seen * args.world_size / (time.perf_counter() - start)
@@ -388,117 +277,6 @@ def train_one_epoch(args, epoch: int, model: nn.Module, loader, optimizer, crite
     return dict(loss=float(totals[0] / totals[1]), img_per_s=float(totals[1]) / elapsed), num_updates
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(out_dir: Path, epoch: int, model: nn.Module, ema: Optional[ModelEmaV3], optimizer, scaler,
-                    state: Dict[str, Any]) -> Path:
-    """``checkpoint-E.safetensors`` (model weights; ``.ema.safetensors`` for EMA) then ``checkpoint-E.pth`` (optimizer,
-    scaler, counters, history; plain tensors and numbers, ``weights_only``-loadable). The ``.pth`` is written last,
-    atomically, so its presence marks a complete checkpoint."""
-    from safetensors.torch import save_file
-
-    stem = out_dir / f'{CHECKPOINT_PREFIX}{epoch}'
-    meta = {'epoch': str(epoch), 'model': state['args']['model'], 'an_zoo': __version__}
-
-    def weights(m: nn.Module) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous().cpu() for k, v in _unwrap(m).state_dict().items()}
-
-    atomic_write(stem.with_suffix('.safetensors'), lambda p: save_file(weights(model), p, metadata=meta))
-    if ema is not None:
-        atomic_write(out_dir / f'{stem.name}.ema.safetensors',
-                      lambda p: save_file(weights(ema.module), p, metadata=meta))
-    payload = dict(state, epoch=epoch, optimizer=optimizer.state_dict(),
-                   scaler=scaler.state_dict() if scaler is not None else None)
-    atomic_write(stem.with_suffix('.pth'), lambda p: torch.save(payload, p))
-    return stem.with_suffix('.pth')
-
-
-def _epoch_of(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):].split('.')[0])
-
-
-def list_checkpoints(out_dir: Path) -> List[Path]:
-    """Complete checkpoints (``.pth`` and its weights present) in ``out_dir``, oldest first."""
-    found = [p for p in out_dir.glob(f'{CHECKPOINT_PREFIX}*.pth')
-             if p.name[len(CHECKPOINT_PREFIX):-len('.pth')].isdigit() and p.with_suffix('.safetensors').is_file()]
-    return sorted(found, key=_epoch_of)
-
-
-def _prune_checkpoints(out_dir: Path, keep: int) -> None:
-    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        for path in (old, old.with_suffix('.safetensors'), out_dir / f'{old.stem}.ema.safetensors'):
-            path.unlink(missing_ok=True)
-
-
-def resolve_resume(resume: str, out_dir: Optional[Path]) -> Path:
-    """The checkpoint ``--resume`` names: a ``checkpoint-E.pth`` file, or the newest complete one in a run folder
-    (``auto``: in ``--output``)."""
-    target = out_dir if resume == 'auto' else Path(resume)
-    if target is None:
-        raise ValueError('--resume without a path needs --output (the run folder to continue)')
-    if target.is_file():
-        return target
-    if not target.is_dir():
-        raise FileNotFoundError(f'--resume: {target} is neither a checkpoint file nor a run folder')
-    found = list_checkpoints(target)
-    if not found:
-        raise FileNotFoundError(f'--resume: no complete {CHECKPOINT_PREFIX}<epoch>.pth in {target}')
-    return found[-1]
-
-
-def load_checkpoint(path: Path, model: nn.Module, ema: Optional[ModelEmaV3], optimizer, scaler,
-                    model_name: str) -> Dict[str, Any]:
-    from safetensors.torch import load_file
-
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if state['args']['model'] != model_name:
-        raise ValueError(f'{path} is a checkpoint of {state["args"]["model"]}, not of --model {model_name}')
-    _unwrap(model).load_state_dict(load_file(str(path.with_suffix('.safetensors'))))
-    ema_path = path.with_name(f'{path.stem}.ema.safetensors')
-    if ema is not None:
-        if not ema_path.is_file():
-            raise FileNotFoundError(f'--model-ema is on but {ema_path} is missing (was the run started without it?)')
-        ema.module.load_state_dict(load_file(str(ema_path)))
-    optimizer.load_state_dict(state['optimizer'])
-    if scaler is not None and state.get('scaler'):
-        scaler.load_state_dict(state['scaler'])
-    return state
-
-
-# ------------------------------------------------------------------------------------------------------- logs
-
-def write_logs(out_dir: Path, history: List[Dict[str, Any]]) -> None:
-    """``log.json`` (every epoch), ``summary.csv`` (timm's format) and ``curves.png`` (if matplotlib is installed)."""
-    atomic_write(out_dir / 'log.json', lambda p: Path(p).write_text(json.dumps(history, indent=1)))
-    csv_path = out_dir / 'summary.csv'
-    csv_path.unlink(missing_ok=True)
-    for row in history:
-        update_summary(row['epoch'], row['train'], row['eval'], str(csv_path), lr=row['lr'],
-                       write_header=row is history[0])
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    epochs = [row['epoch'] + 1 for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [row['train']['loss'] for row in history], 'o-', label='train loss')
-    ax_loss.plot(epochs, [row['eval']['loss'] for row in history], 'o-', label='held-out loss')
-    ax_acc.plot(epochs, [row['eval']['top1'] for row in history], 'o-', label='held-out top-1')
-    if all('ema_top1' in row['eval'] for row in history):
-        ax_acc.plot(epochs, [row['eval']['ema_top1'] for row in history], 'o-', label='EMA top-1')
-    for ax, label in ((ax_loss, 'loss'), (ax_acc, 'top-1 (%)')):
-        ax.set_xlabel('epoch')
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(history[-1].get('title', ''))
-    fig.tight_layout()
-    atomic_write(out_dir / 'curves.png', lambda p: fig.savefig(p, dpi=100, format='png'))
-    plt.close(fig)
-
-
 # -------------------------------------------------------------------------------------------------------- main
 
 def _default_output(args: argparse.Namespace) -> Path:
@@ -507,23 +285,46 @@ def _default_output(args: argparse.Namespace) -> Path:
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run one training job as ``args`` describe; returns the final and best held-out metrics and the run folder."""
-    device = torch.device(args.device)
-    resume_path = resolve_resume(args.resume, Path(args.output) if args.output else None) if args.resume else None
-    if args.output:
-        out_dir = Path(args.output)
-    else:  # a resumed run continues in its own folder; a new one gets a fresh, timestamped folder
-        out_dir = resume_path.parent if resume_path is not None else _default_output(args)
-    if resume_path is None and list_checkpoints(out_dir):
-        raise FileExistsError(f'{out_dir} already holds a run; pass --resume to continue it or choose another '
-                              f'--output (nothing there was changed)')
-    if _is_main(args):
-        out_dir.mkdir(parents=True, exist_ok=True)
+    """Run one training job as ``args`` describe; returns the final and best held-out metrics and the run folder.
 
+    A new run needs an ``--output`` that holds no run; a resumed run continues in the folder of its training state
+    (see :func:`an_zoo.train_state.resume_run_dir`). A run that fails before its first checkpoint leaves no
+    folder it created behind."""
+    output = Path(args.output) if args.output else None
+    resume: Optional[Tuple[Path, Dict[str, Any]]] = None
+    if args.resume:
+        resume = resolve_resume(args.resume, output)
+        out_dir, run_id = resume_run_dir(resume[0], resume[1], output)
+    else:  # a new run gets a fresh, timestamped folder by default
+        out_dir, run_id = output or _default_output(args), new_run_id()
+        if holds_run(out_dir):
+            raise FileExistsError(f'{out_dir} already holds a run; pass --resume to continue it or choose another '
+                                  f'--output (nothing there was changed)')
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # what a failed start removes again
+    try:
+        if _is_main(args):
+            check_writable(out_dir)
+        return _train(args, out_dir, run_id, resume)
+    except BaseException:
+        for folder in created:  # innermost first; only folders this run created and left empty
+            if _is_main(args) and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _train(args: argparse.Namespace, out_dir: Path, run_id: str,
+           resume: Optional[Tuple[Path, Dict[str, Any]]]) -> Dict[str, Any]:
+    device = torch.device(args.device)
     _seed_epoch(args.seed, -1, 0)  # model init: identical on every process
     train_set, eval_set = create_train_eval_datasets(args.dataset, args.data_dir, args.train_split,
                                                      args.val_split, args.dataset_download, args.seed)
-    num_classes = args.num_classes or _num_classes(train_set)
+    data_classes = dataset_num_classes(train_set)
+    if args.num_classes and data_classes and args.num_classes < data_classes:
+        raise ValueError(f'--num-classes {args.num_classes} is fewer than the {data_classes} classes of the training '
+                         f'data; pass --num-classes {data_classes} (or leave it out)')
+    num_classes = args.num_classes or data_classes
+    if not num_classes:
+        raise ValueError('cannot tell the number of classes of this dataset: pass --num-classes')
     if args.train_limit:
         train_set = _Subset(train_set, range(min(args.train_limit, len(train_set))))
     if args.eval_limit:
@@ -570,11 +371,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     history: List[Dict[str, Any]] = []
     start_epoch, num_updates, best = 0, 0, None
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, model, ema, optimizer, scaler, args.model)
+    if resume is not None:
+        resume_path, state = resume
+        load_train_state(resume_path, state, model, ema, optimizer, scaler, args.model, num_classes)
         start_epoch, num_updates = state['epoch'] + 1, state['num_updates']
         history, best = list(state['history']), state['best']
-        _print(args, f'resumed from {resume_path} (epoch {state["epoch"] + 1} done)')
+        _print(args, f'resumed from {resume_path} (epoch {state["epoch"] + 1} done) into {out_dir}')
 
     train_model: nn.Module = model
     if args.distributed:
@@ -615,12 +417,16 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                      + (f' (EMA {eval_metrics["ema_top1"]:.2f}%)' if ema is not None else '')
                      + f', ETA {eta:.0f} s')
         if _is_main(args):
-            state = dict(args=_plain(vars(args)), num_updates=num_updates, history=history, best=best)
-            save_checkpoint(out_dir, epoch, model, ema, optimizer, scaler, state)
+            if not (out_dir / RUN_FILE).is_file():
+                branched = resume is not None and resume[0].parent.resolve() != out_dir.resolve()
+                write_run_file(out_dir, run_id, args.model, resumed_from=str(resume[0].resolve()) if branched else None)
+            state = dict(args=_plain(vars(args)), num_updates=num_updates, history=history, best=best,
+                         run_id=run_id, num_classes=num_classes)
+            save_train_state(out_dir, epoch, model, ema, optimizer, scaler, state)
             if best['epoch'] == epoch:
                 atomic_write(out_dir / 'best.safetensors', lambda p: shutil.copyfile(
                     out_dir / f'{CHECKPOINT_PREFIX}{epoch}.safetensors', p))
-            _prune_checkpoints(out_dir, args.checkpoint_hist)
+            prune_train_states(out_dir, args.checkpoint_hist)
             write_logs(out_dir, history)
         if args.distributed:
             torch.distributed.barrier()

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import an_zoo
 from an_zoo.data import DigitsDataset
-from an_zoo.train import bn_twin_name, freeze_groups, list_checkpoints, load_recipe, main, parse_args
+from an_zoo.train import bn_twin_name, freeze_groups, load_recipe, main, parse_args
+from an_zoo.train_state import list_train_states
 
 REPO = Path(__file__).resolve().parents[1]
 # small and quick: 16 px digits, 4 steps of 32 images per epoch
@@ -81,7 +82,7 @@ def test_short_run_writes_checkpoints_logs_plot_and_compares_with_bn(tmp_path, c
     printed = capsys.readouterr().out
     assert '| an_resnet18_bn1 |' in printed and '| resnet18 |' in printed  # the side-by-side table
 
-    assert [p.name for p in list_checkpoints(out)] == ['checkpoint-1.pth']  # --checkpoint-hist 1 pruned epoch 0
+    assert [p.name for p in list_train_states(out)] == ['checkpoint-1.pth']  # --checkpoint-hist 1 pruned epoch 0
     weights = load_file(str(out / 'checkpoint-1.safetensors'))
     assert 'layer1.0.bn1.mixture_weight' in weights and (out / 'checkpoint-1.ema.safetensors').is_file()
     state = torch.load(out / 'checkpoint-1.pth', weights_only=True)  # no pickled objects
@@ -125,7 +126,7 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert [p.name for p in list_checkpoints(killed)] == ['checkpoint-0.pth'], 'the kill did not land mid-epoch 2'
+    assert [p.name for p in list_train_states(killed)] == ['checkpoint-0.pth'], 'the kill did not land mid-epoch 2'
 
     resumed = subprocess.run(common + ['--output', str(killed), '--resume'], env=_env(), timeout=300,
                              capture_output=True, text=True)
