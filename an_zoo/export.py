@@ -182,11 +182,12 @@ def export_onnx(
         batch_size: Batch size of the example input the graph is traced with.
         check_batch_size: Batch size of the check input (must equal ``batch_size`` without ``dynamic_batch``).
         check_graph: Verify the graph is a pure inference graph, and for the dynamo exporter that every AN layer is
-            folded to ``x * a + b`` (``an_zoo._export_graph.check_onnx_inference_graph``); raises :class:`ExportGraphError`.
+            folded to ``x * a + b`` (``an_zoo._export_graph.check_onnx_inference_graph``); raises
+            :class:`ExportGraphError`.
         input_name, output_names: Graph input / output names (default ``'logits'`` for one output, else
             ``'output_0'``, ...).
-        check_input: The check's input (default ``an_zoo._export_prep.example_batch`` of ``check_batch_size``); its batch size
-            overrides ``check_batch_size``.
+        check_input: The check's input (default ``an_zoo._export_prep.example_batch`` of ``check_batch_size``); its
+            batch size overrides ``check_batch_size``.
 
     Returns:
         :class:`OnnxExportResult` with the measured max abs diff and the tolerance it met.

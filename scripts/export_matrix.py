@@ -176,8 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 f'--update-docs')
         if args.check and args.status_file.resolve() == STATUS.resolve() and STATUS.is_file() and \
                 (not ROOT_STATUS.is_file() or ROOT_STATUS.read_bytes() != STATUS.read_bytes()):
-            problems.append(f'{ROOT_STATUS.relative_to(REPO)} differs from {STATUS.relative_to(REPO)}: copy the '
-                            f'packaged file over it')
+            problems.append(f'{ROOT_STATUS} differs from {STATUS}: copy the packaged file over it')
         for p in problems:
             print(p, file=sys.stderr)
         return 1 if problems else 0
@@ -214,7 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for file in write_status(status, args.status_file):
         log(f'wrote {file}')
     _update_docs(args.page, load_export_status(args.status_file))
-    failed = [(n, t) for n, row in rows.items() for t, r in row['targets'].items() if r['status'] in ('mismatch', 'error')]
+    failed = [(n, t) for n, row in rows.items() for t, r in row['targets'].items()
+              if r['status'] in ('mismatch', 'error')]
     return 1 if failed else 0
 
 
