@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import an_zoo
-from an_zoo import _export_graph as graph
+from an_zoo import _export_graph as export_graph
 from an_zoo import _export_prep as prep
 from an_zoo import _export_status as status_mod
 from an_zoo import _export_targets as targets
@@ -81,7 +81,7 @@ def _assert_dynamic_and_folded(path, model):
     graph = onnx.load(str(path)).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == 'batch'
     assert graph.output[0].type.tensor_type.shape.dim[0].dim_param == 'batch'
-    summary = graph.check_onnx_inference_graph(path, prep.an_layer_names(model), dynamic_batch=True)
+    summary = export_graph.check_onnx_inference_graph(path, prep.an_layer_names(model), dynamic_batch=True)
     assert summary['folded'] and summary['an_layers'] == len(prep.an_layer_names(model)) > 0
     assert 'BatchNormalization' not in summary['op_counts']  # AN's standardization folded, plain BNs into convs
 
@@ -135,20 +135,21 @@ def test_graph_check_rejects_unfolded_and_training_graphs(act, tmp_path):
     model = _tiny(act)
     names = prep.an_layer_names(model)
     x = prep.example_batch(2, (3, 16, 16))
-    good = graph.check_onnx_inference_graph(_onnx_export(model, x, tmp_path / 'good.onnx'), names, dynamic_batch=True)
+    good = export_graph.check_onnx_inference_graph(_onnx_export(model, x, tmp_path / 'good.onnx'), names,
+                                                   dynamic_batch=True)
     assert good['folded'] and good['an_layers'] == 1
     with pytest.raises(ex.ExportGraphError, match='static'):
-        graph.check_onnx_inference_graph(tmp_path / 'good.onnx', names, dynamic_batch=False)
+        export_graph.check_onnx_inference_graph(tmp_path / 'good.onnx', names, dynamic_batch=False)
     # the reference code exported as is: standardization (BatchNormalization), then the per-sample affine
     with prep.reference_an_layers(model):
         unfolded = _onnx_export(model, x, tmp_path / 'reference.onnx')
     with pytest.raises(ex.ExportGraphError, match=r"BatchNormalization inside the layer.*\n.*path is \['Add', "
                                                   r"'BatchNormalization', 'Mul'\]"):
-        graph.check_onnx_inference_graph(unfolded, names)
+        export_graph.check_onnx_inference_graph(unfolded, names)
     # a training-mode graph: batch statistics
     training = _onnx_export(model, x, tmp_path / 'train.onnx', train=True)
     with pytest.raises(ex.ExportGraphError, match='reduces over the batch axis'):
-        graph.check_onnx_inference_graph(training, names, expect_folded=False)
+        export_graph.check_onnx_inference_graph(training, names, expect_folded=False)
 
 
 @pytest.mark.parametrize('name', ['an_mobilenetv2_050'])  # (ResNets: inside the ONNX tests' dynamo export)
@@ -164,9 +165,10 @@ def test_exported_program_check_rejects_training():
     model = _tiny().train()
     program = torch.export.export(model, (prep.example_batch(2, (3, 16, 16)),))
     with pytest.raises(ex.ExportGraphError, match='buffers mutated'):
-        graph.check_exported_program_inference(program)
+        export_graph.check_exported_program_inference(program)
     with torch.no_grad():
-        graph.check_exported_program_inference(torch.export.export(model.eval(), (prep.example_batch(2, (3, 16, 16)),)))
+        program = torch.export.export(model.eval(), (prep.example_batch(2, (3, 16, 16)),))
+        export_graph.check_exported_program_inference(program)
 
 
 def test_jit_trace_parity():
@@ -326,8 +328,8 @@ def test_export_module_keeps_the_api_and_forwards_moved_names():
         warnings.simplefilter('error')  # the API itself imports without a warning
         for name in ex.__all__:
             getattr(ex, name)
-    assert ex.ExportGraphError is graph.ExportGraphError
-    homes = (graph, prep, targets, status_mod)
+    assert ex.ExportGraphError is export_graph.ExportGraphError
+    homes = (export_graph, prep, targets, status_mod)
     for name in OLD_EXPORT_NAMES:
         if name in ex.__all__ or name == 'environment':
             continue
