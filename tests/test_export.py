@@ -1,8 +1,9 @@
 """Export for inference: ONNX (dynamo exporter) checked in onnxruntime with a dynamic batch, torch.export, jit.trace,
-the folded-graph check, scripts/export.py, and the generated export matrix (export_status.json, README, model cards).
+the folded-graph check, scripts/export.py, and the generated export matrix (export_status.json, docs/export.md, model
+cards).
 
 Models are random inits made fit for parity checks (non-degenerate norm affines, calibrated running statistics:
-an_zoo.export.prepare_for_checks), at 64 px.
+an_zoo._export_prep.prepare_for_checks), at 64 px.
 """
 import functools
 import importlib.util
@@ -17,7 +18,12 @@ import torch
 import torch.nn as nn
 
 import an_zoo
+from an_zoo import _export_graph as export_graph
+from an_zoo import _export_prep as prep
+from an_zoo import _export_status as status_mod
+from an_zoo import _export_targets as targets
 from an_zoo import export as ex
+from an_zoo._docs import read_block
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = (3, 64, 64)
@@ -32,7 +38,7 @@ needs_onnx = pytest.mark.skipif(bool(ONNX_MISSING), reason=f'ONNX export checks 
 @functools.lru_cache(maxsize=None)
 def _state(name):
     model = timm.create_model(name)
-    ex.prepare_for_checks(model, IMG)
+    prep.prepare_for_checks(model, IMG)
     return model.state_dict()
 
 
@@ -48,7 +54,7 @@ def _tiny(act=False):
     norm = an_zoo.AttentiveBatchNormAct2d(8, num_mixtures=3) if act else an_zoo.AttentiveBatchNorm2d(8, num_mixtures=3)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 4))
-    return ex.prepare_for_checks(model, (3, 16, 16))
+    return prep.prepare_for_checks(model, (3, 16, 16))
 
 
 def _onnx_export(model, x, path, train=False):
@@ -62,7 +68,7 @@ def _onnx_export(model, x, path, train=False):
 
 
 def _assert_onnx_matches(path, model, batch_size, seed=5):
-    x = ex.example_batch(batch_size, IMG, seed=seed)
+    x = prep.example_batch(batch_size, IMG, seed=seed)
     with torch.no_grad():
         ref = model(x)
     out = torch.from_numpy(ex.onnxruntime_outputs(path, x)[0])
@@ -75,8 +81,8 @@ def _assert_dynamic_and_folded(path, model):
     graph = onnx.load(str(path)).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == 'batch'
     assert graph.output[0].type.tensor_type.shape.dim[0].dim_param == 'batch'
-    summary = ex.check_onnx_inference_graph(path, ex.an_layer_names(model), dynamic_batch=True)
-    assert summary['folded'] and summary['an_layers'] == len(ex.an_layer_names(model)) > 0
+    summary = export_graph.check_onnx_inference_graph(path, prep.an_layer_names(model), dynamic_batch=True)
+    assert summary['folded'] and summary['an_layers'] == len(prep.an_layer_names(model)) > 0
     assert 'BatchNormalization' not in summary['op_counts']  # AN's standardization folded, plain BNs into convs
 
 
@@ -127,57 +133,74 @@ def test_static_batch_and_torchscript_exporter(tmp_path):
 @pytest.mark.parametrize('act', [False, True])
 def test_graph_check_rejects_unfolded_and_training_graphs(act, tmp_path):
     model = _tiny(act)
-    names = ex.an_layer_names(model)
-    x = ex.example_batch(2, (3, 16, 16))
-    good = ex.check_onnx_inference_graph(_onnx_export(model, x, tmp_path / 'good.onnx'), names, dynamic_batch=True)
+    names = prep.an_layer_names(model)
+    x = prep.example_batch(2, (3, 16, 16))
+    good = export_graph.check_onnx_inference_graph(_onnx_export(model, x, tmp_path / 'good.onnx'), names,
+                                                   dynamic_batch=True)
     assert good['folded'] and good['an_layers'] == 1
     with pytest.raises(ex.ExportGraphError, match='static'):
-        ex.check_onnx_inference_graph(tmp_path / 'good.onnx', names, dynamic_batch=False)
+        export_graph.check_onnx_inference_graph(tmp_path / 'good.onnx', names, dynamic_batch=False)
     # the reference code exported as is: standardization (BatchNormalization), then the per-sample affine
-    with ex.reference_an_layers(model):
+    with prep.reference_an_layers(model):
         unfolded = _onnx_export(model, x, tmp_path / 'reference.onnx')
     with pytest.raises(ex.ExportGraphError, match=r"BatchNormalization inside the layer.*\n.*path is \['Add', "
                                                   r"'BatchNormalization', 'Mul'\]"):
-        ex.check_onnx_inference_graph(unfolded, names)
+        export_graph.check_onnx_inference_graph(unfolded, names)
     # a training-mode graph: batch statistics
     training = _onnx_export(model, x, tmp_path / 'train.onnx', train=True)
     with pytest.raises(ex.ExportGraphError, match='reduces over the batch axis'):
-        ex.check_onnx_inference_graph(training, names, expect_folded=False)
+        export_graph.check_onnx_inference_graph(training, names, expect_folded=False)
 
 
 @pytest.mark.parametrize('name', ['an_mobilenetv2_050'])  # (ResNets: inside the ONNX tests' dynamo export)
 def test_torch_export_parity(name):
     model = _model(name)
-    x, x_check = ex.example_batch(2, IMG, seed=1), ex.example_batch(3, IMG, seed=2)
-    result = ex.check_torch_export(model, x, x_check)  # dynamic batch: exported at 2, run at 3
+    x, x_check = prep.example_batch(2, IMG, seed=1), prep.example_batch(3, IMG, seed=2)
+    result = targets.check_torch_export(model, x, x_check)  # dynamic batch: exported at 2, run at 3
     assert result.ok, result.message
     assert result.max_abs_diff <= result.tolerance
 
 
 def test_exported_program_check_rejects_training():
     model = _tiny().train()
-    program = torch.export.export(model, (ex.example_batch(2, (3, 16, 16)),))
+    program = torch.export.export(model, (prep.example_batch(2, (3, 16, 16)),))
     with pytest.raises(ex.ExportGraphError, match='buffers mutated'):
-        ex.check_exported_program_inference(program)
+        export_graph.check_exported_program_inference(program)
     with torch.no_grad():
-        ex.check_exported_program_inference(torch.export.export(model.eval(), (ex.example_batch(2, (3, 16, 16)),)))
+        program = torch.export.export(model.eval(), (prep.example_batch(2, (3, 16, 16)),))
+        export_graph.check_exported_program_inference(program)
 
 
 def test_jit_trace_parity():
     model = _model('an_resnet18_bn1')
-    result = ex.check_jit_trace(model, ex.example_batch(2, IMG, seed=1), ex.example_batch(3, IMG, seed=2))
+    result = targets.check_jit_trace(model, prep.example_batch(2, IMG, seed=1), prep.example_batch(3, IMG, seed=2))
     assert result.ok, result.message
 
 
 def test_autocast_target_checks_every_an_layer():
     model = _tiny()
-    result = ex.check_autocast(model, ex.example_batch(2, (3, 16, 16)), ex.example_batch(3, (3, 16, 16), seed=1),
-                               torch.bfloat16)
+    x, x_check = prep.example_batch(2, (3, 16, 16)), prep.example_batch(3, (3, 16, 16), seed=1)
+    result = targets.check_autocast(model, x, x_check, torch.bfloat16)
     assert result.ok, result.message
-    assert result.details['an_layers_checked'] == 1 and result.details['logits_max_abs_diff'] >= 0
+    assert result.details['an_layers_checked'] == 1
+    # judged against the stated bf16 tolerance of the worst AN layer; bf16 really ran (nonzero, finite differences)
+    assert result.tolerance == pytest.approx(ex.TOLERANCES['bfloat16'].bound(result.ref_max))
+    assert 0 < result.max_abs_diff <= result.tolerance
+    assert 0 < result.details['logits_max_abs_diff'] < float('inf')
+    # an AN layer that goes wrong in low precision only (its float32 run, the reference, is untouched) is caught
+    layer = model[1]
+    hook = layer.register_forward_hook(
+        lambda m, i, o: o + (1 + o.abs().max()) if i[0].dtype == torch.bfloat16 else None)
+    try:
+        broken = targets.check_autocast(model, x, x_check, torch.bfloat16)
+    finally:
+        hook.remove()
+    assert broken.status == 'mismatch' and broken.max_abs_diff > broken.tolerance, broken
+    assert 'AN layer 1 under autocast' in broken.message
     if not torch.cuda.is_available():
-        cuda = ex.check_autocast(model, None, None, torch.float16, 'cuda')
-        assert cuda.status == 'not measured' and cuda.message == 'not measured (no GPU)'
+        cuda = targets.check_autocast(model, None, None, torch.float16, 'cuda')
+        assert cuda.status == 'not measured' and cuda.message == targets.NOT_MEASURED_ON_GPU
+        assert cuda.message == 'not yet measured on a GPU'
 
 
 @needs_onnx
@@ -204,57 +227,122 @@ def test_export_script_self_check(tmp_path):
 
 
 def test_export_status_covers_the_registry():
-    status = ex.load_export_status(REPO / 'export_status.json')
+    status = status_mod.load_export_status(export_matrix.STATUS)
     problems = export_matrix.check_status(status, timm.list_models('an_*'))
     assert not problems, '\n'.join(problems) + '\nrun python scripts/export_matrix.py --write'
-    # shipped with the package (an_zoo/export_status.json links to the repo's file)
-    assert ex.PACKAGED_STATUS.resolve().read_text() == (REPO / 'export_status.json').read_text()
+    # shipped with the package as a real file; the repository-root copy is byte-equal
+    assert export_matrix.STATUS.is_file() and not export_matrix.STATUS.is_symlink()
+    assert export_matrix.STATUS.read_bytes() == export_matrix.ROOT_STATUS.read_bytes()
     for name, row in status['models'].items():
         assert row['environment']['torch'] and row['date'], name
-        for target in ex.CUDA_TARGETS:
+        for target in targets.CUDA_TARGETS:
             record = row['targets'][target]
             if not row['environment']['gpu']:
-                assert record == {'target': target, 'status': 'not measured', 'message': 'not measured (no GPU)',
+                assert record == {'target': target, 'status': 'not measured', 'message': 'not yet measured on a GPU',
                                   'max_abs_diff': None, 'tolerance': None, 'ref_max': None, 'seconds': None}
 
 
-def test_readme_export_matrix_is_generated():
-    text = (REPO / 'README.md').read_text(encoding='utf-8')
-    block = export_matrix.readme_block(text)
-    if block is None:
-        pytest.skip('README.md has no <!-- export-matrix:start --> ... <!-- export-matrix:end --> block yet')
-    status = ex.load_export_status(REPO / 'export_status.json')
-    assert block == ex.render_export_matrix(status), 'run python scripts/export_matrix.py --write'
+def test_docs_export_matrix_is_generated():
+    """The block in docs/export.md is the rendering of the status file; a page without the block is a failure."""
+    block = read_block(export_matrix.PAGE.read_text(encoding='utf-8'), export_matrix.MARKER)
+    assert block is not None, 'docs/export.md has no <!-- export-matrix:start --> ... <!-- export-matrix:end --> block'
+    status = status_mod.load_export_status(export_matrix.STATUS)
+    assert block == status_mod.render_export_matrix(status), 'run python scripts/export_matrix.py --update-docs'
+    assert '| not yet measured on a GPU |' in block and 'no GPU' not in block
 
 
 def test_matrix_render_and_model_card():
     from an_zoo._card import model_card
     from an_zoo._manifest import load_manifest
-    status = ex.load_export_status(REPO / 'export_status.json')
-    table = ex.render_export_matrix(status)
+    status = status_mod.load_export_status(export_matrix.STATUS)
+    table = status_mod.render_export_matrix(status)
     header = table.splitlines()[0]
-    assert all(label in header for label in ex.TARGET_LABELS.values())
+    assert all(label in header for label in status_mod.TARGET_LABELS.values())
     assert all(f'| `{name}` |' in table for name in timm.list_models('an_*'))
     entry = load_manifest()[0]
     card = model_card(entry)
     assert '## Export and precision status' in card
-    assert ex.render_model_status(status, entry.model) in card
-    assert '- ONNX + onnxruntime: ' in card and '- bf16 (CUDA): ' in card
-    assert 'not yet measured' in ex.render_model_status(None, entry.model)
+    assert status_mod.render_model_status(status, entry.model) in card
+    assert '- ONNX + onnxruntime: ' in card and '- bf16 (CUDA): not yet measured on a GPU' in card
+    assert 'not yet measured' in status_mod.render_model_status(None, entry.model)
 
 
 def test_matrix_check_mode(tmp_path):
-    """--check runs nothing: it compares the json with the registry and the README block with its rendering."""
-    status = json.loads((REPO / 'export_status.json').read_text())
+    """--check runs nothing: it compares the json with the registry and the docs block with its rendering."""
+    status = json.loads(export_matrix.STATUS.read_text())
     path = tmp_path / 'status.json'
     path.write_text(json.dumps(status))
-    readme = tmp_path / 'README.md'
-    readme.write_text('# x\n<!-- export-matrix:start -->\nstale\n<!-- export-matrix:end -->\n')
-    args = ['--check', '--status-file', str(path), '--readme', str(readme)]
-    assert export_matrix.main(args) == 1  # stale README block
-    assert export_matrix.main(['--update-readme', '--status-file', str(path), '--readme', str(readme)]) == 0
-    assert readme.read_text().startswith('# x\n<!-- export-matrix:start -->\n| model |')
+    page = tmp_path / 'export.md'
+    stale = '# x\n<!-- export-matrix:start -->\nstale\n<!-- export-matrix:end -->\n'
+    page.write_text(stale)
+    args = ['--check', '--status-file', str(path), '--page', str(page)]
+    assert export_matrix.main(args) == 1  # stale block
+    assert export_matrix.main(['--update-docs', '--status-file', str(path), '--page', str(page)]) == 0
+    assert page.read_text().startswith('# x\n<!-- export-matrix:start -->\n| model |')
+    assert export_matrix.main(args) == 0
+    page.write_text(stale)  # the former option names still work
+    assert export_matrix.main(['--update-readme', '--status-file', str(path), '--readme', str(page)]) == 0
     assert export_matrix.main(args) == 0
     del status['models'][next(iter(status['models']))]
     path.write_text(json.dumps(status))
     assert export_matrix.main(args) == 1  # a registered model without a row
+    page.write_text('# x\n')  # no block: a failure, never a silent skip
+    assert export_matrix.main(['--update-docs', '--status-file', str(path), '--page', str(page)]) == 1
+    assert export_matrix.main(['--check', '--status-file', str(export_matrix.STATUS), '--page', str(page)]) == 1
+
+
+def test_write_status_mirrors_the_packaged_file(tmp_path, monkeypatch):
+    committed = export_matrix.STATUS.read_bytes()
+    packaged, root = tmp_path / 'an_zoo' / 'export_status.json', tmp_path / 'export_status.json'
+    packaged.parent.mkdir()
+    monkeypatch.setattr(export_matrix, 'STATUS', packaged)
+    monkeypatch.setattr(export_matrix, 'ROOT_STATUS', root)
+    assert export_matrix.write_status(json.loads(committed)) == [packaged, root]
+    assert packaged.read_bytes() == root.read_bytes() == committed  # the committed file is in the written format
+    assert not packaged.is_symlink()
+    other = tmp_path / 'other.json'
+    assert export_matrix.write_status(json.loads(committed), other) == [other] and other.read_bytes() == committed
+    check = ['--check', '--status-file', str(packaged), '--page', str(export_matrix.PAGE)]
+    assert export_matrix.main(check) == 0
+    root.write_bytes(committed + b'\n')
+    assert export_matrix.main(check) == 1  # the root copy drifted from the packaged file
+
+
+# the names an_zoo.export exported before the split (its old __all__)
+OLD_EXPORT_NAMES = [
+    'ExportCheckError', 'ExportGraphError', 'TargetResult', 'OnnxExportResult', 'Tolerance', 'TOLERANCES', 'TARGETS',
+    'CUDA_TARGETS', 'export_onnx', 'onnxruntime_outputs', 'check_onnx_inference_graph',
+    'check_exported_program_inference', 'example_batch', 'prepare_for_checks', 'randomize_norm_affines',
+    'calibrate_running_stats', 'an_layer_names', 'reference_an_layers', 'check_compile_fullgraph', 'check_onnx',
+    'check_torch_export', 'check_jit_script', 'check_jit_trace', 'check_channels_last', 'check_autocast', 'run_target',
+    'environment', 'TARGET_LABELS', 'export_status_path', 'load_export_status', 'render_export_matrix',
+    'render_model_status', 'PACKAGED_STATUS',
+]
+
+
+def test_export_module_keeps_the_api_and_forwards_moved_names():
+    import warnings
+    assert sorted(ex.__all__) == sorted(['export_onnx', 'onnxruntime_outputs', 'OnnxExportResult', 'ExportCheckError',
+                                         'ExportGraphError', 'Tolerance', 'TOLERANCES', 'DEFAULT_OPSET', 'EXPORTERS'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the API itself imports without a warning
+        for name in ex.__all__:
+            getattr(ex, name)
+    assert ex.ExportGraphError is export_graph.ExportGraphError
+    homes = (export_graph, prep, targets, status_mod)
+    for name in OLD_EXPORT_NAMES:
+        if name in ex.__all__ or name == 'environment':
+            continue
+        with pytest.deprecated_call(match=f'an_zoo.export.{name} moved to an_zoo._export_'):
+            value = getattr(ex, name)
+        assert any(getattr(home, name, None) is value for home in homes), name
+    with pytest.deprecated_call():
+        from an_zoo.export import TARGETS, check_jit_trace, render_model_status  # the old import statement
+    assert TARGETS is targets.TARGETS and check_jit_trace is targets.check_jit_trace
+    assert render_model_status is status_mod.render_model_status
+    with pytest.deprecated_call(match='describe_environment'):
+        from an_zoo.export import environment
+    env = environment()
+    assert {'torch', 'timm', 'onnx', 'onnxruntime', 'onnxscript', 'machine', 'gpu'} <= set(env)
+    with pytest.raises(AttributeError, match='no_such_name'):
+        ex.no_such_name
