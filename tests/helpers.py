@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from an_zoo._export_prep import calibrate_running_stats as calibrated  # noqa: F401  (the library's own)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,17 +15,6 @@ def run_python(args, env, check=True, timeout=600) -> subprocess.CompletedProces
     if check and result.returncode != 0:
         raise AssertionError(f'{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}')
     return result
-
-
-def calibrated(model, x):
-    """``model`` in eval mode with running statistics set from ``x`` (at init they are 0/1, and a deep random net in
-    eval mode then amplifies float rounding differences layer after layer)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average: one pass sets the batch statistics
-    with torch.no_grad():
-        model.train()(x)
-    return model.eval()
 
 
 # two processes of one node (LOCAL_RANK 0 and 1) in a gloo process group, each creating the model named by argv[1]
