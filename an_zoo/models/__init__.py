@@ -1,3 +1,4 @@
+"""The an_* model families; importing them registers every architecture with timm."""
 from .aognet import *
 from .densenet import *
 from .mobilenet import *
