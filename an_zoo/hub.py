@@ -3,7 +3,8 @@
 Every published weight in ``weights_manifest.json`` pins a Hub repo, a commit (``revision``), a file, its sha256
 and its size. :func:`fetch_weights` downloads through ``huggingface_hub`` (its cache, ``HF_HOME`` /
 ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``) and checks size and sha256 BEFORE anything is loaded; a
-mismatch is an error naming the file and both hashes, and the file is neither loaded nor deleted. Environment
+mismatch is an error naming the file and both hashes, and the file is neither loaded nor deleted. Loading hashes the
+bytes it deserialises (:func:`read_verified`: one read), so the verified file is the loaded one. Environment
 variables are read at call time, so setting them after ``import an_zoo`` works.
 """
 import hashlib
@@ -142,6 +143,7 @@ def fetch_weights(
         filename: str = 'model.safetensors',
         revision: Optional[str] = None,
         cache_dir: Optional[Union[str, Path]] = None,
+        verify: bool = True,
 ) -> Path:
     """Path of a verified local copy of a weight file, downloaded into the Hugging Face cache if needed.
 
@@ -149,6 +151,8 @@ def fetch_weights(
         entry: A manifest entry (repo, pinned revision, file, sha256, size). Alternatively ``repo_id`` /
             ``filename`` / ``revision`` for a repo outside the manifest (then nothing is known to verify against).
         cache_dir: Overrides ``HF_HUB_CACHE`` / ``HF_HOME``.
+        verify: Hash the file against ``entry`` here. A caller that loads it passes False and verifies the bytes it
+            loads instead (``load_checkpoint_file(path, entry.sha256, entry.size)``), so the file is read once.
 
     Under ``torch.distributed`` only local rank 0 downloads; the other ranks wait and read the cache.
 
@@ -192,6 +196,6 @@ def fetch_weights(
             f'{name}: {filename} at revision {revision or "main"} of {repo_id} is not on {settings["endpoint"]} '
             f'({type(err).__name__}). Check the repo id and revision, or load a local file with '
             f'pretrained_cfg_overlay=dict(file=...).') from err
-    if entry is not None:
+    if entry is not None and verify:
         verify_file(path, entry.sha256, entry.size, name=name)
     return Path(path)

@@ -177,6 +177,12 @@ def unwrap_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, 
                 break
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise CheckpointError(f'{source} holds no state_dict (found {type(checkpoint).__name__})')
+    _check_entries(state_dict, source)
+    return dict(state_dict)
+
+
+def _check_entries(state_dict: Mapping[Any, Any], source: str) -> None:
+    """Every key a non-empty string, every value a dense CPU tensor within its own storage."""
     bad_keys = [k for k in state_dict if not isinstance(k, str) or not k]
     if bad_keys:
         raise CheckpointError(
@@ -189,7 +195,6 @@ def unwrap_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, 
             f'to tensors (a model state_dict or a training checkpoint with a "state_dict" entry)')
     for key, value in state_dict.items():
         check_tensor_extent(key, value, source)
-    return dict(state_dict)
 
 
 def _strip_prefix(key: str, prefixes: Sequence[str]) -> str:
@@ -260,6 +265,7 @@ def remap_state_dict(
         CheckpointError: listing every source key that maps to nothing and every model key nothing maps to
             (the classifier is exempt: timm drops or re-initialises it when ``num_classes`` differs).
     """
+    _check_entries(state_dict, 'the checkpoint')
     target = model.state_dict()
     an_paths = _an_module_paths(model)
     classifier = getattr(model, 'pretrained_cfg', {}).get('classifier') or ''
@@ -280,29 +286,61 @@ def remap_state_dict(
     shift = _shortcuts_missing_pool({k: state_dict[s] for s, k in renamed.items()}, target)
 
     out: Dict[str, torch.Tensor] = {}
+    given_by: Dict[str, List[str]] = {}  # model key -> the checkpoint keys that map to it
     unmapped: List[str] = []
     for source_key, value in state_dict.items():
         key = _shift_index(renamed[source_key], shift)
-        if key in target:
-            if value.is_floating_point():
-                value = value.to(target[key].dtype)
-            out[key] = value
-        elif key.startswith(tuple(ignore)):
-            continue
-        elif is_classifier(key):
-            out[key] = value  # e.g. a model built with num_classes=0: timm drops the head keys
-        else:
+        if key in target or (not key.startswith(tuple(ignore)) and is_classifier(key)):
+            out[key] = value  # a classifier key the model lacks: e.g. num_classes=0, timm drops the head keys
+            given_by.setdefault(key, []).append(source_key)
+        elif not key.startswith(tuple(ignore)):
             unmapped.append(source_key)
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    collisions = [f'{key} <- {keys}' for key, keys in given_by.items() if len(keys) > 1]
+    if collisions:
+        raise CheckpointError(
+            f'the checkpoint is ambiguous for {name}: {len(collisions)} model key(s) are each given by more than '
+            f'one checkpoint key: {collisions[:20]}{" ..." if len(collisions) > 20 else ""}. The file holds two '
+            f'copies of these weights (e.g. with and without a "module." prefix, or under the official and the '
+            f'an_zoo name); keep one copy of each and save the state_dict again.')
     missing = [k for k in target if k not in out and not is_classifier(k)]
     if unmapped or missing:
-        name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
         raise CheckpointError(
             f'the checkpoint does not fit {name}: {len(unmapped)} checkpoint key(s) map to no parameter of the '
             f'model: {unmapped}; {len(missing)} model key(s) are not in the checkpoint: {missing}. '
             f'Check that the checkpoint is for this architecture (and variant), e.g. an AN-ResNet-50 file for '
             f'an_resnet50.')
+    _check_dtypes(out, target, model)
     _check_shapes(out, target, model)
-    return out
+    # cast only now, once every shape is known to be the model's (or one timm adapts)
+    return {key: value.to(target[key].dtype) if key in target and value.is_floating_point() else value
+            for key, value in out.items()}
+
+
+# what a floating parameter may be loaded from: float8 / integer / bool / complex values would be converted silently
+_FLOAT_SOURCES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_dtypes(out: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse tensors of another kind than the model's: floating parameters take float16 / bfloat16 / float32 /
+    float64 values, integer buffers (``num_batches_tracked``) integer values."""
+    wrong = []
+    for key, value in out.items():
+        ours = target.get(key)
+        if ours is None or value.dtype == ours.dtype:
+            continue
+        if ours.is_floating_point():
+            fits = value.dtype in _FLOAT_SOURCES
+        else:
+            fits = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        if not fits:
+            wrong.append(f'{key}: checkpoint {value.dtype}, model {ours.dtype}')
+    if wrong:
+        raise _shape_error(model, (
+            f'{len(wrong)} tensor(s) have a dtype that does not load into the model\'s: {wrong[:20]}'
+            f'{" ..." if len(wrong) > 20 else ""}. Floating parameters load from float16, bfloat16, float32 or '
+            f'float64 tensors only, integer buffers from integer tensors; the file is not a weights file of this '
+            f'model, or was converted wrongly: convert it again from the original checkpoint.'))
 
 
 def _shape_error(model: nn.Module, what: str) -> CheckpointError:
