@@ -154,7 +154,8 @@ def load_checkpoint_bytes(data: bytes, source: str, safetensors: bool = False) -
             raise CheckpointError(
                 f'cannot read {source}: not a valid safetensors file ({err}). It may be truncated or corrupt: '
                 f'download it again.') from err
-        return unwrap_state_dict(state_dict, source=source)
+        # in name order, as safetensors' load_file gives them (load gives the order of the bytes)
+        return unwrap_state_dict({key: state_dict[key] for key in sorted(state_dict)}, source=source)
     try:
         checkpoint = _torch_load_weights_only(data, source)
     except (CheckpointError, OSError, MemoryError):
