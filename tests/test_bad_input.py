@@ -1,6 +1,5 @@
 """Bad input: every case fails with an error that says what was wrong and what to do, and no failure modifies or
 deletes anything the user already has on disk (checkpoint files, the Hugging Face cache: hashed before and after).
-
 """
 import dataclasses
 import hashlib

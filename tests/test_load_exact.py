@@ -199,8 +199,8 @@ def test_bundle_without_its_hash_is_verified_against_the_manifest(tmp_path, monk
 
 
 def test_bundle_hash_that_differs_from_the_manifest_is_refused(tmp_path, monkeypatch):
-    folder = _bundle(tmp_path, monkeypatch, {'file': 'model.safetensors',
-                                             'sha256': hashlib.sha256(b'the publisheD weights').hexdigest()}, tamper=True)
+    recorded = hashlib.sha256(b'the publisheD weights').hexdigest()  # the altered file's own hash
+    folder = _bundle(tmp_path, monkeypatch, {'file': 'model.safetensors', 'sha256': recorded}, tamper=True)
     with pytest.raises(WeightsVerificationError, match='the an_zoo manifest is .*was altered'):
         _local_dir_weights(folder, None)
 

@@ -21,7 +21,8 @@ import torch.nn as nn
 from ..layers import AttentiveBatchNorm2d
 from ._checkpoint_scan import CheckpointError, check_tensor_extent, scan_torch_checkpoint
 
-__all__ = ['CheckpointError', 'load_checkpoint_file', 'load_checkpoint_bytes', 'unwrap_state_dict', 'remap_state_dict', 'OFFICIAL_PREFIXES']
+__all__ = ['CheckpointError', 'load_checkpoint_file', 'load_checkpoint_bytes', 'unwrap_state_dict', 'remap_state_dict',
+           'OFFICIAL_PREFIXES']
 
 # DistributedDataParallel ('module.') around apex's FP16Model ('network.'), in the order they must be stripped
 OFFICIAL_PREFIXES = ('module.network.', 'module.', 'network.')
