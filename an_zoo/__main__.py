@@ -8,7 +8,9 @@
     python -m an_zoo import-official an_resnet50.aog_e120_in1k [--from ZIP]   # maintainers: Hub-ready folder
 
 A bundle loads with no network access: ``timm.create_model('local-dir:DIR', pretrained=True)`` (after
-``import an_zoo``) or ``torch.hub.load('DIR', 'model', source='local')``.
+``import an_zoo``) reads only data from DIR (config.json, and the weight file, verified against the an_zoo manifest
+or the config's sha256). ``torch.hub.load('DIR', 'model', source='local')`` instead imports DIR/hubconf.py, which
+runs whatever Python that file holds with your permissions: use it only on a bundle you made or trust.
 """
 import argparse
 import difflib
@@ -21,7 +23,13 @@ from typing import List, Optional
 from ._manifest import WeightEntry, load_manifest, weight_entry
 from .hub import WeightsUnavailableError, WeightsVerificationError, fetch_weights, hub_settings, verify_file
 
-_BUNDLE_HUBCONF = '''"""torch.hub entry points of this an_zoo bundle ({name}); needs `pip install an_zoo`, no network."""
+_BUNDLE_HUBCONF = '''"""torch.hub entry points of this an_zoo bundle ({name}); needs `pip install an_zoo`, no network.
+
+torch.hub.load(folder, 'model', source='local') runs this file as Python. As written by `python -m an_zoo bundle` it
+only calls timm.create_model('local-dir:<this folder>'), which reads config.json and the verified weight file; check
+that it still says so before loading a bundle from someone else, or load it with timm.create_model('local-dir:...'),
+which runs no code from the folder.
+"""
 import os
 
 dependencies = ['torch', 'timm', 'an_zoo']
@@ -147,6 +155,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from ._card import hub_config, model_card
     entry = _resolve(args.name)
     out = Path(args.out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise SystemExit(f'{out} exists and is not a folder: choose a new folder (nothing was written)')
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f'{out} exists and is not empty: choose a new folder (nothing was written)')
     source = fetch_weights(entry, cache_dir=args.cache_dir)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 from ._io import atomic_write_text
 
 __all__ = ['ManifestError', 'WeightEntry', 'load_manifest', 'pretrained_cfgs', 'weight_entry', 'manifest_path',
-           'update_entry', 'CODE_LICENSE']
+           'update_entry', 'is_sha256', 'is_plain_filename', 'is_repo_id', 'CODE_LICENSE']
 
 # the evaluation set a weight's headline number refers to
 PRIMARY_EVAL_SET = 'imagenet-1k'
@@ -31,8 +31,30 @@ _PUBLISHED_REQUIRED = ('revision', 'sha256', 'size', 'num_params')
 _LICENSE_REQUIRED = ('id', 'name', 'terms', 'link', 'source')
 _PROVENANCE_REQUIRED = ('origin_url', 'paper_id', 'layout', 'recipe')
 _DATA_FIELDS = ('input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'num_classes')
-_SHA256 = re.compile(r'^[0-9a-f]{64}$')
-_COMMIT = re.compile(r'^[0-9a-f]{40}$')
+# matched with fullmatch: '$' alone would also accept a value with a trailing newline
+_SHA256 = re.compile(r'[0-9a-f]{64}')
+_COMMIT = re.compile(r'[0-9a-f]{40}')
+# a Hub repo id 'owner/name': letters, digits, '-', '_', '.', neither '--' nor '..', no revision ('@...')
+_REPO_PART = re.compile(r'[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?')
+
+
+def is_sha256(value: Any) -> bool:
+    """``value`` is a sha256 as an_zoo records it: exactly 64 lowercase hex digits."""
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+def is_plain_filename(value: Any) -> bool:
+    """``value`` names a file directly inside a folder: no sub-folder, parent or absolute path."""
+    return (isinstance(value, str) and value not in ('', '.', '..') and '/' not in value and '\\' not in value
+            and '\0' not in value and value.strip() == value)
+
+
+def is_repo_id(value: Any) -> bool:
+    """``value`` is a Hugging Face Hub repo id ``owner/name`` (without a revision)."""
+    if not isinstance(value, str) or '--' in value or '..' in value:
+        return False
+    parts = value.split('/')
+    return len(parts) == 2 and all(_REPO_PART.fullmatch(p) for p in parts)
 
 
 class ManifestError(ValueError):
@@ -122,8 +144,11 @@ def _check_official_source(source: Any, where: str, path: Path, licenses: Mappin
         raise ManifestError(f'{path}: {where}.archive must be "zip" for a Drive file, got {source.get("archive")!r}')
     if source['license'] not in licenses:
         raise ManifestError(f'{path}: {where}.license names {source["license"]!r}, not defined under "licenses"')
-    if source.get('sha256') is not None and not _SHA256.match(str(source['sha256'])):
+    if source.get('sha256') is not None and not is_sha256(source['sha256']):
         raise ManifestError(f'{path}: {where}.sha256 must be 64 lowercase hex digits, got {source["sha256"]!r}')
+    size = source.get('size')
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ManifestError(f'{path}: {where}.size must be a positive integer, got {size!r}')
     if not isinstance(source['expect'], Mapping):
         raise ManifestError(f'{path}: {where}.expect must map config keys to values')
 
@@ -141,12 +166,23 @@ def _check_entry(item: Mapping[str, Any], where: str, path: Path, licenses: Mapp
     if item['license'] not in licenses:
         raise ManifestError(f'{path}: {where} names license {item["license"]!r}, not defined under "licenses"')
     _require(item['provenance'], _PROVENANCE_REQUIRED, f'{where}.provenance', path)
-    if item['sha256'] is not None and not _SHA256.match(str(item['sha256'])):
+    for key in ('model', 'tag'):
+        if not isinstance(item[key], str) or not re.fullmatch(r'[A-Za-z0-9_]+', item[key]):
+            raise ManifestError(f'{path}: {where}.{key} must be a name of letters, digits and _, got {item[key]!r}')
+    if not is_repo_id(item['hf_hub_id']):
+        raise ManifestError(f'{path}: {where}.hf_hub_id must be a Hub repo id "owner/name" (letters, digits, -, _, '
+                            f'.; no revision: that is "revision"), got {item["hf_hub_id"]!r}')
+    if not is_plain_filename(item['filename']):
+        raise ManifestError(f'{path}: {where}.filename must be a plain file name (no folder), got '
+                            f'{item["filename"]!r}')
+    if item['sha256'] is not None and not is_sha256(item['sha256']):
         raise ManifestError(f'{path}: {where}.sha256 must be 64 lowercase hex digits, got {item["sha256"]!r}')
-    if item['revision'] is not None and not _COMMIT.match(str(item['revision'])):
+    if item['revision'] is not None and not (isinstance(item['revision'], str)
+                                             and _COMMIT.fullmatch(item['revision'])):
         raise ManifestError(f'{path}: {where}.revision must be a full 40-hex commit id, got {item["revision"]!r}')
     for key in ('size', 'num_params'):
-        if item[key] is not None and (not isinstance(item[key], int) or item[key] <= 0):
+        if item[key] is not None and (isinstance(item[key], bool) or not isinstance(item[key], int)
+                                      or item[key] <= 0):
             raise ManifestError(f'{path}: {where}.{key} must be a positive integer, got {item[key]!r}')
     if item['published']:
         empty = [k for k in _PUBLISHED_REQUIRED if item[k] is None]

@@ -3,7 +3,8 @@
 Every published weight in ``weights_manifest.json`` pins a Hub repo, a commit (``revision``), a file, its sha256
 and its size. :func:`fetch_weights` downloads through ``huggingface_hub`` (its cache, ``HF_HOME`` /
 ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``) and checks size and sha256 BEFORE anything is loaded; a
-mismatch is an error naming the file and both hashes, and the file is neither loaded nor deleted. Environment
+mismatch is an error naming the file and both hashes, and the file is neither loaded nor deleted. Loading hashes the
+bytes it deserialises (:func:`read_verified`: one read), so the verified file is the loaded one. Environment
 variables are read at call time, so setting them after ``import an_zoo`` works.
 """
 import hashlib
@@ -13,8 +14,8 @@ from typing import Any, Dict, Optional, Union
 
 from ._manifest import WeightEntry
 
-__all__ = ['WeightsVerificationError', 'WeightsUnavailableError', 'sha256_file', 'verify_file', 'fetch_weights',
-           'hub_settings', 'an_zoo_cache_dir']
+__all__ = ['WeightsVerificationError', 'WeightsUnavailableError', 'sha256_file', 'verify_file', 'read_verified',
+           'fetch_weights', 'hub_settings', 'an_zoo_cache_dir']
 
 _CHUNK = 1 << 20
 
@@ -35,8 +36,23 @@ def sha256_file(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
+def _size_error(path: Path, label: str, actual: int, size: int, name: str) -> WeightsVerificationError:
+    return WeightsVerificationError(
+        f'{path}{label} has {actual} bytes, expected {size}: the file is truncated or corrupt and was not loaded. '
+        f'Delete it and download again (python -m an_zoo download {name or "<model>"}).')
+
+
+def _hash_error(path: Path, label: str, actual: str, sha256: str, name: str) -> WeightsVerificationError:
+    return WeightsVerificationError(
+        f'sha256 mismatch{label}: {path} has sha256 {actual}, expected {sha256}. The file was not loaded. '
+        f'Delete it and download again (python -m an_zoo download {name or "<model>"}).')
+
+
 def verify_file(path: Union[str, Path], sha256: Optional[str], size: Optional[int] = None, name: str = '') -> Path:
     """Check ``path`` against the expected size and sha256 (each skipped when None); return the path.
+
+    To load a file, use :func:`read_verified` (or ``load_checkpoint_file(path, sha256, size)``) instead: it checks
+    the very bytes that are then deserialised.
 
     Raises:
         WeightsVerificationError: naming the file, what was expected and what was found. The file is left in
@@ -45,16 +61,36 @@ def verify_file(path: Union[str, Path], sha256: Optional[str], size: Optional[in
     path = Path(path)
     label = f' for {name}' if name else ''
     if size is not None and path.stat().st_size != size:
-        raise WeightsVerificationError(
-            f'{path}{label} has {path.stat().st_size} bytes, expected {size}: the file is truncated or corrupt and '
-            f'was not loaded. Delete it and download again (python -m an_zoo download {name or "<model>"}).')
+        raise _size_error(path, label, path.stat().st_size, size, name)
     if sha256 is not None:
         actual = sha256_file(path)
         if actual != sha256.lower():
-            raise WeightsVerificationError(
-                f'sha256 mismatch{label}: {path} has sha256 {actual}, expected {sha256}. The file was not loaded. '
-                f'Delete it and download again (python -m an_zoo download {name or "<model>"}).')
+            raise _hash_error(path, label, actual, sha256, name)
     return path
+
+
+def read_verified(path: Union[str, Path], sha256: Optional[str] = None, size: Optional[int] = None,
+                  name: str = '') -> bytes:
+    """The bytes of ``path``, read once and checked against the expected size and sha256 (each skipped when None):
+    the caller deserialises exactly the bytes that were verified, whatever happens to the file meanwhile.
+
+    Raises:
+        WeightsVerificationError: as :func:`verify_file`; the file is left in place.
+    """
+    path = Path(path)
+    label = f' for {name}' if name else ''
+    with open(path, 'rb') as file:
+        on_disk = os.fstat(file.fileno()).st_size
+        if size is not None and on_disk != size:  # before reading: a wrong file may be huge
+            raise _size_error(path, label, on_disk, size, name)
+        data = file.read()
+    if size is not None and len(data) != size:  # changed while it was read
+        raise _size_error(path, label, len(data), size, name)
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256.lower():
+            raise _hash_error(path, label, actual, sha256, name)
+    return data
 
 
 def hub_settings() -> Dict[str, Any]:
@@ -107,6 +143,7 @@ def fetch_weights(
         filename: str = 'model.safetensors',
         revision: Optional[str] = None,
         cache_dir: Optional[Union[str, Path]] = None,
+        verify: bool = True,
 ) -> Path:
     """Path of a verified local copy of a weight file, downloaded into the Hugging Face cache if needed.
 
@@ -114,6 +151,8 @@ def fetch_weights(
         entry: A manifest entry (repo, pinned revision, file, sha256, size). Alternatively ``repo_id`` /
             ``filename`` / ``revision`` for a repo outside the manifest (then nothing is known to verify against).
         cache_dir: Overrides ``HF_HUB_CACHE`` / ``HF_HOME``.
+        verify: Hash the file against ``entry`` here. A caller that loads it passes False and verifies the bytes it
+            loads instead (``load_checkpoint_file(path, entry.sha256, entry.size)``), so the file is read once.
 
     Under ``torch.distributed`` only local rank 0 downloads; the other ranks wait and read the cache.
 
@@ -157,6 +196,6 @@ def fetch_weights(
             f'{name}: {filename} at revision {revision or "main"} of {repo_id} is not on {settings["endpoint"]} '
             f'({type(err).__name__}). Check the repo id and revision, or load a local file with '
             f'pretrained_cfg_overlay=dict(file=...).') from err
-    if entry is not None:
+    if entry is not None and verify:
         verify_file(path, entry.sha256, entry.size, name=name)
     return Path(path)

@@ -1,37 +1,5 @@
 """Bad input: every case fails with an error that says what was wrong and what to do, and no failure modifies or
 deletes anything the user already has on disk (checkpoint files, the Hugging Face cache: hashed before and after).
-
-Which test covers which case (tests in other files are not repeated here; "this file" = tests/test_bad_input.py):
-
-* wrong input rank / channels, layer: test_layer.py::test_bad_input_rank_and_channels;
-  this file: test_layer_input_errors_say_what_to_do
-* wrong input rank / channels, model: this file: test_model_input_errors (torch's / timm's messages)
-* batch of one in training: test_layer.py::test_batch_of_one_training_raises_like_batchnorm
-* unknown model name: this file: test_unknown_model_name (timm 1.0.31 suggests nothing and offers no hook),
-  test_unknown_weight_tag_suggests_close_tags (an_zoo's builder), test_cli_unknown_weight_suggests_close_names
-  (python -m an_zoo), test_torch_hub_unknown_entry_point (torch.hub's message)
-* num_classes / in_chans mismatch when loading: this file: test_num_classes_mismatch_says_how_to_load,
-  test_in_chans_mismatch_says_how_to_load; the adaptation that works: test_models.py::test_pretrained_adaptation
-* checkpoint of another architecture: test_checkpoint.py::test_other_architecture_is_refused_with_the_keys;
-  this file: test_other_variant_or_plain_bn_is_refused (other width: shapes listed; plain BatchNorm ResNet)
-* truncated or corrupt file (pickle, safetensors): test_checkpoint.py::test_truncated_file_is_refused_and_kept;
-  this file: test_corrupt_file_is_refused_and_kept (empty, HTML page, random bytes, legacy format, no state_dict,
-  damaged safetensors headers)
-* code referenced by a pickle: test_checkpoint.py::test_foreign_pickled_objects_are_never_imported_or_run;
-  this file: test_pickled_calls_are_never_run (shutil.rmtree, os.system)
-* missing / unexpected keys, listed: test_checkpoint.py::test_unmapped_key_is_listed,
-  test_checkpoint.py::test_other_architecture_is_refused_with_the_keys; this file: test_missing_keys_are_listed
-* missing checkpoint file, unpublished weights: test_checkpoint.py::test_missing_file_and_unpublished_weights
-* manifest entry with missing fields or a bad hash: test_repo.py::test_bad_manifest_is_refused_clearly;
-  this file: test_bad_manifest_field, test_unreadable_manifest,
-  test_manifest_hash_mismatch_is_refused_and_the_cache_kept; downloads and local files that do not match:
-  test_weights.py::test_tampered_download_is_rejected_before_loading,
-  test_weights.py::test_local_file_is_verified_when_its_hash_is_known, test_weights.py::test_cli_download_verify_bundle
-* Hub repo / revision / file that does not exist: test_weights.py::test_unknown_repo_and_revision_are_clear;
-  this file: test_missing_repo_revision_or_file_keeps_the_cache
-* no network: HF_HUB_OFFLINE with nothing cached: test_weights.py::test_offline_with_empty_cache_says_what_to_do;
-  this file: test_offline_or_unreachable_endpoint_keeps_the_cache (also an unreachable HF_ENDPOINT, and a pinned
-  revision already cached loading with either)
 """
 import dataclasses
 import hashlib

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from an_zoo import AttentiveBatchNorm2d, CheckpointError, load_checkpoint_file
-from an_zoo.models._checkpoint import _legacy_globals
+from an_zoo.models._checkpoint_scan import scan_torch_checkpoint
 
 IMG = 64
 
@@ -357,7 +357,7 @@ def test_legacy_scan_finds_stack_globals_through_the_memo(throwaway, tmp_path):
     throwaway.uninstall()
     ops = [op.name for op, _, _ in pickletools.genops(path.read_bytes()[_pickle_ends(path.read_bytes())[2]:])]
     assert 'STACK_GLOBAL' in ops and 'BINGET' in ops and 'GLOBAL' not in ops
-    found = _legacy_globals(path)
+    found = scan_torch_checkpoint(path.read_bytes(), str(path))
     assert {f'{throwaway.name}.LossScaler', f'{throwaway.name}.restore_scale', 'torch._utils._rebuild_tensor_v2',
             'torch.FloatStorage'} <= found
     assert f'{throwaway.name}.DynamicLossScaler' not in found  # its __reduce__ pickles restore_scale instead

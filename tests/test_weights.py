@@ -230,22 +230,24 @@ def test_unknown_repo_and_revision_are_clear(monkeypatch, tmp_path):
 
 def test_local_file_is_verified_when_its_hash_is_known(tmp_path):
     import dataclasses
+    from an_zoo import load_checkpoint_file
     from an_zoo._manifest import load_manifest
     from an_zoo.hub import WeightsVerificationError, sha256_file
-    from an_zoo.models._builder import _verified_local_file
+    from an_zoo.models._builder import _local_file_expectation
     path = tmp_path / 'model.safetensors'
     path.write_bytes(b'weights')
     entry = dataclasses.replace(load_manifest()[0], sha256=sha256_file(path), size=7)
-    assert _verified_local_file(path, entry) == path
+    assert _local_file_expectation(path, entry) == (entry.sha256, 7, entry.name)
     path.write_bytes(b'weightz')
-    with pytest.raises(WeightsVerificationError, match='sha256 mismatch'):
-        _verified_local_file(path, entry)
+    with pytest.raises(WeightsVerificationError, match='sha256 mismatch'):  # before the bytes are deserialised
+        load_checkpoint_file(path, *_local_file_expectation(path, entry)[:2])
     other = tmp_path / 'my_finetuned.pth'  # a file the manifest knows nothing about is the user's own
     other.write_bytes(b'anything')
-    assert _verified_local_file(other, entry) == other
+    assert _local_file_expectation(other, entry) == (None, None, '')
     official = tmp_path / 'resnet50_an.pth.tar'
     official.write_bytes(b'official')
     entry = dataclasses.replace(entry, provenance=dict(entry.provenance, official_file=official.name,
                                                        official_sha256='0' * 64))
+    sha256, size, name = _local_file_expectation(official, entry)
     with pytest.raises(WeightsVerificationError, match='official file'):
-        _verified_local_file(official, entry)
+        load_checkpoint_file(official, sha256, size, name=name)

@@ -2,24 +2,27 @@
 
 Official training checkpoints pickle, next to the weights, objects of classes from libraries an_zoo does not depend
 on (apex's ``LossScaler`` in the optimizer state). They are read with ``torch.load(weights_only=True)``; the foreign
-classes are resolved to inert placeholders, so nothing from the file is imported or executed. The foreign classes are
-found by torch for the zip format and, for the legacy (pre-1.6) format PyTorch 1.x could also write, by walking the
-pickle opcodes here.
+classes are resolved to inert placeholders, so nothing from the file is imported or executed. The foreign classes,
+and the sizes the file declares, are found by walking the pickle opcodes first (:mod:`._checkpoint_scan`), for the
+zip format and for the legacy (pre-1.6) format PyTorch 1.x could also write.
+
+Mapping onto a model is exact or refused: ambiguous names, dtypes of another kind and shapes are all checked before
+any tensor is cast or copied.
 """
-import os
+import io
 import pickle
-import pickletools
 import re
-import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..layers import AttentiveBatchNorm2d
+from ._checkpoint_scan import CheckpointError, check_tensor_extent, scan_torch_checkpoint
 
-__all__ = ['CheckpointError', 'load_checkpoint_file', 'unwrap_state_dict', 'remap_state_dict', 'OFFICIAL_PREFIXES']
+__all__ = ['CheckpointError', 'load_checkpoint_file', 'load_checkpoint_bytes', 'unwrap_state_dict', 'remap_state_dict',
+           'OFFICIAL_PREFIXES']
 
 # DistributedDataParallel ('module.') around apex's FP16Model ('network.'), in the order they must be stripped
 OFFICIAL_PREFIXES = ('module.network.', 'module.', 'network.')
@@ -37,10 +40,6 @@ _AN_OWN_NAMES = {
     'running_var': 'norm.running_var',
     'num_batches_tracked': 'norm.num_batches_tracked',
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read or does not fit the model; the message says what and how to proceed."""
 
 
 class _ForeignObject:
@@ -74,13 +73,6 @@ _REFUSED_MODULES = ('subprocess', 'commands', 'popen2', 'pty', 'runpy', 'importl
 _REFUSED_BUILTINS = {'eval', 'exec', 'execfile', 'compile', '__import__', 'open', 'file', 'input', 'raw_input',
                      'breakpoint', 'getattr', 'setattr', 'delattr', 'globals', 'locals', 'vars', 'exit', 'quit'}
 
-_ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format since PyTorch 1.6 is a zip archive
-# The legacy (pre-1.6) format: pickles of the magic number, the protocol version and sys info, the main pickle,
-# the storage keys, then the raw storage bytes (not a pickle; never scanned).
-_LEGACY_PICKLES = 5
-_MAX_LINE = 1 << 20  # text opcodes (GLOBAL's module / name lines) are short; a longer line means a corrupt file
-
-
 def _runs_code(qualified_name: str) -> bool:
     """Whether a pickled global can only be there to run commands or code (see ``_REFUSED_MODULES``)."""
     module, _, name = qualified_name.rpartition('.')
@@ -89,124 +81,7 @@ def _runs_code(qualified_name: str) -> bool:
     return any(module == m or module.startswith(m + '.') for m in _REFUSED_MODULES)
 
 
-class _BoundedReader:
-    """A binary file whose reads are clamped to the bytes left in it, so a corrupt length field in the pickle can
-    neither make the scan read past the file nor allocate more memory than the file holds."""
-
-    def __init__(self, file: BinaryIO, size: int) -> None:
-        self._file = file
-        self._size = size
-
-    def read(self, n: int = -1) -> bytes:
-        left = max(self._size - self._file.tell(), 0)
-        return self._file.read(left if n < 0 else min(n, left))
-
-    def readline(self) -> bytes:
-        return self._file.readline(_MAX_LINE)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-
-_MARK = object()  # the pickle MARK on the simulated stack
-_STRING_OPS = {'STRING', 'BINSTRING', 'SHORT_BINSTRING', 'UNICODE', 'BINUNICODE', 'SHORT_BINUNICODE', 'BINUNICODE8'}
-
-
-def _pickle_globals(stream: Any) -> Set[str]:
-    """The globals one pickle references (``'module.name'``, as torch's unpickler looks them up), found by walking
-    its opcodes up to its STOP without executing any.
-
-    GLOBAL carries its names; STACK_GLOBAL (protocol 4+) takes them from the stack, so the strings pushed (directly
-    or through the memo) are tracked on a simulated stack that holds ``None`` for every other object.
-    """
-    from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # the Python 2 renames torch's unpickler applies
-
-    found: Set[str] = set()
-    stack: List[Any] = []
-    memo: Dict[Any, Any] = {}
-
-    def pop() -> Any:
-        return stack.pop() if stack else None  # a malformed pickle may underflow; torch will refuse it
-
-    for op, arg, _ in pickletools.genops(stream):
-        name = op.name
-        if name == 'GLOBAL':
-            module, _, attr = arg.partition(' ')
-            module, attr = NAME_MAPPING.get((module, attr), (IMPORT_MAPPING.get(module, module), attr))
-            found.add(f'{module}.{attr}')
-            stack.append(None)
-        elif name == 'STACK_GLOBAL':
-            attr, module = pop(), pop()
-            if isinstance(module, str) and isinstance(attr, str):
-                found.add(f'{module}.{attr}')
-            # else: names computed at load time; torch's unpickler refuses them, no placeholder could apply
-            stack.append(None)
-        elif name == 'MEMOIZE':
-            memo[len(memo)] = stack[-1] if stack else None
-        elif name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
-            memo[arg] = stack[-1] if stack else None
-        elif name in ('GET', 'BINGET', 'LONG_BINGET'):
-            stack.append(memo.get(arg))
-        elif name == 'MARK':
-            stack.append(_MARK)
-        else:  # any other opcode: pop what it consumes (down to the MARK for TUPLE, SETITEMS...), push its result
-            before = op.stack_before
-            if pickletools.markobject in before:
-                while stack and stack.pop() is not _MARK:
-                    pass
-                before = before[:before.index(pickletools.markobject)]
-            for _ in before:
-                pop()
-            pushed = arg if name in _STRING_OPS and isinstance(arg, str) else None
-            stack.extend([pushed] * len(op.stack_after))
-    return found
-
-
-def _legacy_globals(path: Path) -> Set[str]:
-    """The globals the pickles of a legacy (pre-1.6, non-zip) ``torch.save`` file reference, found by walking their
-    opcodes only: nothing is unpickled, imported or run, and nothing past the end of the file is read.
-
-    Raises:
-        CheckpointError: the file is no legacy torch file, or is truncated or corrupt.
-    """
-    from torch.serialization import MAGIC_NUMBER
-
-    found: Set[str] = set()
-    try:
-        with open(path, 'rb') as file:
-            reader = _BoundedReader(file, os.fstat(file.fileno()).st_size)
-            if MAGIC_NUMBER not in [arg for _, arg, _ in pickletools.genops(reader)]:
-                raise CheckpointError(
-                    f'cannot read checkpoint {path}: it is neither a zip nor a legacy torch.save file (no magic '
-                    f'number). The file may be truncated, corrupt or not a PyTorch checkpoint: download it again.')
-            file.seek(0)
-            for _ in range(_LEGACY_PICKLES):
-                found |= _pickle_globals(reader)
-    except (ValueError, EOFError, IndexError, KeyError, struct.error, OverflowError) as err:
-        # pickletools: 'pickle exhausted before seeing STOP', 'expected N bytes ... but only M remain', ...
-        raise CheckpointError(
-            f'cannot read checkpoint {path}: its legacy (pre-1.6) torch.save pickles cannot be parsed '
-            f'({type(err).__name__}: {err}). The file may be truncated or corrupt: download it again.') from err
-    return found
-
-
-def _unsafe_globals(path: Path) -> List[str]:
-    """The globals of a torch checkpoint that torch's ``weights_only`` unpickler does not allow by default."""
-    with open(path, 'rb') as file:
-        is_zip = file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
-    if is_zip:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    # torch's function reads only the zip format; the legacy one is scanned here in the same way
-    found = _legacy_globals(path)
-    try:  # torch's own allowlist (private: its location may change between releases)
-        from torch._weights_only_unpickler import _get_allowed_globals, _get_user_allowed_globals
-        allowed = set(_get_allowed_globals()) | set(_get_user_allowed_globals())
-    except (ImportError, AttributeError):  # then torch's own names and containers are what it allows
-        allowed = {g for g in found if g.split('.')[0] == 'torch' or g in ('collections.OrderedDict',)}
-    return sorted(found - allowed)
-
-
-def _unsafe_error(path: Path, unsafe: Sequence[str], reason: str) -> CheckpointError:
+def _unsafe_error(path: str, unsafe: Sequence[str], reason: str) -> CheckpointError:
     return CheckpointError(
         f'cannot read checkpoint {path} safely: it references {list(unsafe)}, which loading with '
         f'weights_only=True refuses ({reason}). Nothing from the file was run. If you trust the file, '
@@ -214,27 +89,40 @@ def _unsafe_error(path: Path, unsafe: Sequence[str], reason: str) -> CheckpointE
         f'(torch.save(state_dict, ...) or safetensors).')
 
 
-def _torch_load_weights_only(path: Path) -> Any:
+def _allowed_globals(found: Set[str]) -> Set[str]:
+    """The globals torch's ``weights_only`` unpickler allows by default, among ``found``."""
+    try:  # torch's own allowlist (private: its location may change between releases)
+        from torch._weights_only_unpickler import _get_allowed_globals, _get_user_allowed_globals
+        return set(_get_allowed_globals()) | set(_get_user_allowed_globals())
+    except (ImportError, AttributeError):  # then torch's own names and containers are what it allows
+        return {g for g in found if g.split('.')[0] == 'torch' or g in ('collections.OrderedDict',)}
+
+
+def _torch_load_weights_only(data: bytes, source: str) -> Any:
+    """Unpickle checked bytes (see :func:`scan_torch_checkpoint`) with ``weights_only=True``."""
+    found = scan_torch_checkpoint(data, source)
+    unsafe = sorted(found - _allowed_globals(found))
+    code = [name for name in unsafe if _runs_code(name)]
+    if code:  # refused before torch sees them: no placeholder stands in for a call that runs commands or code
+        raise _unsafe_error(source, unsafe, f'{code} can run commands or code; an_zoo never stands in for them')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        unsafe = _unsafe_globals(path)
-        if not unsafe:
-            raise CheckpointError(f'cannot read checkpoint {path}: {err}') from err
-        code = [name for name in unsafe if _runs_code(name)]
-        if code:  # refused before torch sees them: no placeholder stands in for a call that runs commands or code
-            raise _unsafe_error(path, unsafe, f'{code} can run commands or code; an_zoo never stands in for them')
         # Classes from other libraries (e.g. apex's loss scaler) become inert placeholders; only tensors are used.
-        try:
-            with torch.serialization.safe_globals([_placeholder(name) for name in unsafe]):
-                return torch.load(path, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError as refused:  # e.g. a call into os / sys, which torch refuses outright
-            reason = next((line for line in str(refused).splitlines() if 'GLOBAL' in line), str(refused)).strip()
-            raise _unsafe_error(path, unsafe, reason) from refused
+        with torch.serialization.safe_globals([_placeholder(name) for name in unsafe]):
+            return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as refused:  # e.g. a call into os / sys, which torch refuses outright
+        if not unsafe:
+            raise CheckpointError(f'cannot read checkpoint {source}: {refused}') from refused
+        reason = next((line for line in str(refused).splitlines() if 'GLOBAL' in line), str(refused)).strip()
+        raise _unsafe_error(source, unsafe, reason) from refused
 
 
-def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+def load_checkpoint_file(path: Union[str, Path], sha256: Optional[str] = None, size: Optional[int] = None,
+                         name: str = '') -> Dict[str, torch.Tensor]:
     """Read the state_dict of a ``.safetensors`` file or a torch checkpoint (``.pth``, ``.pth.tar``, ``.bin``).
+
+    The file is read once; when ``sha256`` / ``size`` are given, those same bytes are verified and then
+    deserialised, so what was checked is what is loaded. Memory stays bounded by the file: sizes the file declares
+    are checked against the bytes it holds before anything is allocated, and expanded tensors are refused.
 
     Torch pickles (zip or legacy pre-1.6 format) are loaded with ``weights_only=True``; classes the file references
     from other libraries are replaced by inert placeholders, so neither importing nor executing anything from the file
@@ -243,33 +131,46 @@ def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is truncated, corrupt, or holds no state_dict of tensors.
+        WeightsVerificationError: the bytes do not match ``sha256`` / ``size`` (nothing was deserialised).
+        CheckpointError: the file is truncated, corrupt, declares more than it holds, or holds no state_dict of
+            tensors.
     """
+    from ..hub import read_verified
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint file not found: {path}')
-    if path.suffix == '.safetensors':
+    data = read_verified(path, sha256, size, name=name)
+    return load_checkpoint_bytes(data, str(path), safetensors=path.suffix == '.safetensors')
+
+
+def load_checkpoint_bytes(data: bytes, source: str, safetensors: bool = False) -> Dict[str, torch.Tensor]:
+    """The state_dict held in ``data``, the bytes of a checkpoint file named ``source`` (see
+    :func:`load_checkpoint_file`)."""
+    if safetensors:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
+        from safetensors.torch import load
+        try:  # safetensors checks every tensor's declared extent against the bytes before copying it
+            state_dict = load(data)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(
-                f'cannot read {path}: not a valid safetensors file ({err}). It may be truncated or corrupt: '
+                f'cannot read {source}: not a valid safetensors file ({err}). It may be truncated or corrupt: '
                 f'download it again.') from err
+        # in name order, as safetensors' load_file gives them (load gives the order of the bytes)
+        return unwrap_state_dict({key: state_dict[key] for key in sorted(state_dict)}, source=source)
     try:
-        checkpoint = _torch_load_weights_only(path)
+        checkpoint = _torch_load_weights_only(data, source)
     except (CheckpointError, OSError, MemoryError):
         raise
     except Exception as err:  # torch's unpickler fails on damaged bytes with IndexError, KeyError, struct.error...
         raise CheckpointError(
-            f'cannot read checkpoint {path}: {type(err).__name__}: {err}. The file may be truncated, corrupt or '
+            f'cannot read checkpoint {source}: {type(err).__name__}: {err}. The file may be truncated, corrupt or '
             f'not a PyTorch checkpoint: download it again.') from err
-    return unwrap_state_dict(checkpoint, source=str(path))
+    return unwrap_state_dict(checkpoint, source=source)
 
 
 def unwrap_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
-    """The tensors of a training checkpoint container (``{'state_dict': ...}``, ``{'model': ...}`` or bare)."""
+    """The tensors of a training checkpoint container (``{'state_dict': ...}``, ``{'model': ...}`` or bare), each a
+    dense CPU tensor within its own storage, keyed by names."""
     state_dict = checkpoint
     if isinstance(checkpoint, Mapping):
         for key in ('state_dict', 'model'):
@@ -278,12 +179,24 @@ def unwrap_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, 
                 break
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise CheckpointError(f'{source} holds no state_dict (found {type(checkpoint).__name__})')
+    _check_entries(state_dict, source)
+    return dict(state_dict)
+
+
+def _check_entries(state_dict: Mapping[Any, Any], source: str) -> None:
+    """Every key a non-empty string, every value a dense CPU tensor within its own storage."""
+    bad_keys = [k for k in state_dict if not isinstance(k, str) or not k]
+    if bad_keys:
+        raise CheckpointError(
+            f'{source}: the state_dict has {len(bad_keys)} malformed key(s) {[repr(k) for k in bad_keys[:10]]}; '
+            f'parameter names are non-empty strings. The file is not a model state_dict: save model.state_dict().')
     non_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
         raise CheckpointError(
             f'{source}: the state_dict holds non-tensor entries {non_tensors[:10]}; expected a mapping of names '
             f'to tensors (a model state_dict or a training checkpoint with a "state_dict" entry)')
-    return dict(state_dict)
+    for key, value in state_dict.items():
+        check_tensor_extent(key, value, source)
 
 
 def _strip_prefix(key: str, prefixes: Sequence[str]) -> str:
@@ -354,6 +267,7 @@ def remap_state_dict(
         CheckpointError: listing every source key that maps to nothing and every model key nothing maps to
             (the classifier is exempt: timm drops or re-initialises it when ``num_classes`` differs).
     """
+    _check_entries(state_dict, 'the checkpoint')
     target = model.state_dict()
     an_paths = _an_module_paths(model)
     classifier = getattr(model, 'pretrained_cfg', {}).get('classifier') or ''
@@ -374,29 +288,61 @@ def remap_state_dict(
     shift = _shortcuts_missing_pool({k: state_dict[s] for s, k in renamed.items()}, target)
 
     out: Dict[str, torch.Tensor] = {}
+    given_by: Dict[str, List[str]] = {}  # model key -> the checkpoint keys that map to it
     unmapped: List[str] = []
     for source_key, value in state_dict.items():
         key = _shift_index(renamed[source_key], shift)
-        if key in target:
-            if value.is_floating_point():
-                value = value.to(target[key].dtype)
-            out[key] = value
-        elif key.startswith(tuple(ignore)):
-            continue
-        elif is_classifier(key):
-            out[key] = value  # e.g. a model built with num_classes=0: timm drops the head keys
-        else:
+        if key in target or (not key.startswith(tuple(ignore)) and is_classifier(key)):
+            out[key] = value  # a classifier key the model lacks: e.g. num_classes=0, timm drops the head keys
+            given_by.setdefault(key, []).append(source_key)
+        elif not key.startswith(tuple(ignore)):
             unmapped.append(source_key)
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    collisions = [f'{key} <- {keys}' for key, keys in given_by.items() if len(keys) > 1]
+    if collisions:
+        raise CheckpointError(
+            f'the checkpoint is ambiguous for {name}: {len(collisions)} model key(s) are each given by more than '
+            f'one checkpoint key: {collisions[:20]}{" ..." if len(collisions) > 20 else ""}. The file holds two '
+            f'copies of these weights (e.g. with and without a "module." prefix, or under the official and the '
+            f'an_zoo name); keep one copy of each and save the state_dict again.')
     missing = [k for k in target if k not in out and not is_classifier(k)]
     if unmapped or missing:
-        name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
         raise CheckpointError(
             f'the checkpoint does not fit {name}: {len(unmapped)} checkpoint key(s) map to no parameter of the '
             f'model: {unmapped}; {len(missing)} model key(s) are not in the checkpoint: {missing}. '
             f'Check that the checkpoint is for this architecture (and variant), e.g. an AN-ResNet-50 file for '
             f'an_resnet50.')
+    _check_dtypes(out, target, model)
     _check_shapes(out, target, model)
-    return out
+    # cast only now, once every shape is known to be the model's (or one timm adapts)
+    return {key: value.to(target[key].dtype) if key in target and value.is_floating_point() else value
+            for key, value in out.items()}
+
+
+# what a floating parameter may be loaded from: float8 / integer / bool / complex values would be converted silently
+_FLOAT_SOURCES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_dtypes(out: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse tensors of another kind than the model's: floating parameters take float16 / bfloat16 / float32 /
+    float64 values, integer buffers (``num_batches_tracked``) integer values."""
+    wrong = []
+    for key, value in out.items():
+        ours = target.get(key)
+        if ours is None or value.dtype == ours.dtype:
+            continue
+        if ours.is_floating_point():
+            fits = value.dtype in _FLOAT_SOURCES
+        else:
+            fits = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        if not fits:
+            wrong.append(f'{key}: checkpoint {value.dtype}, model {ours.dtype}')
+    if wrong:
+        raise _shape_error(model, (
+            f'{len(wrong)} tensor(s) have a dtype that does not load into the model\'s: {wrong[:20]}'
+            f'{" ..." if len(wrong) > 20 else ""}. Floating parameters load from float16, bfloat16, float32 or '
+            f'float64 tensors only, integer buffers from integer tensors; the file is not a weights file of this '
+            f'model, or was converted wrongly: convert it again from the original checkpoint.'))
 
 
 def _shape_error(model: nn.Module, what: str) -> CheckpointError:
