@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from ._io import atomic_write_text
+from ._io import write_package_data
 
 __all__ = ['ManifestError', 'WeightEntry', 'load_manifest', 'pretrained_cfgs', 'weight_entry', 'manifest_path',
            'update_entry', 'is_sha256', 'is_plain_filename', 'is_repo_id', 'CODE_LICENSE']
@@ -293,9 +293,7 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
 def update_entry(name: str, path: Optional[Path] = None, **fields: Any) -> WeightEntry:
     """Set top-level fields of the entry ``'arch.tag'`` (``provenance`` and ``measured``, which is keyed by evaluation
     set, are merged) and rewrite the manifest; the result is validated before anything is written."""
-    # resolved: the packaged manifest is a symlink to the repo's, and an atomic replace of the link would swap out
-    # the link itself and leave the real file unchanged
-    file = Path(path or manifest_path()).resolve()
+    file = Path(path or manifest_path())
     raw = json.loads(file.read_text(encoding='utf-8'))
     names = [f'{w["model"]}.{w["tag"]}' for w in raw['weights']]
     arch, _, tag = name.partition('.')
@@ -308,5 +306,5 @@ def update_entry(name: str, path: Optional[Path] = None, **fields: Any) -> Weigh
         else:
             items[0][key] = value
     _parse(raw, file)  # refuse to write an invalid manifest
-    atomic_write_text(file, json.dumps(raw, indent=2) + '\n')
+    write_package_data(file, json.dumps(raw, indent=2) + '\n')
     return weight_entry(name, file)

@@ -33,7 +33,7 @@ from an_zoo._env import describe_environment
 from an_zoo._export_prep import example_batch, prepare_for_checks
 from an_zoo._export_status import TARGET_LABELS, load_export_status, render_export_matrix
 from an_zoo._export_targets import CUDA_TARGETS, TARGETS, run_target
-from an_zoo._io import atomic_write_text
+from an_zoo._io import write_package_data
 from an_zoo.export import DEFAULT_OPSET, TOLERANCES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,9 +118,7 @@ def write_status(status: Dict[str, Any], path: Optional[Path] = None) -> List[Pa
     status['models'] = dict(sorted(status['models'].items()))
     path = Path(path) if path is not None else STATUS
     text = json.dumps(status, indent=2, ensure_ascii=False) + '\n'
-    files = [STATUS, ROOT_STATUS] if path.resolve() == STATUS.resolve() else [path]
-    for file in files:
-        atomic_write_text(file, text)
+    files = write_package_data(path, text)
     return files
 
 

@@ -291,17 +291,30 @@ def test_matrix_check_mode(tmp_path):
     assert export_matrix.main(['--check', '--status-file', str(export_matrix.STATUS), '--page', str(page)]) == 1
 
 
-def test_write_status_mirrors_the_packaged_file(tmp_path, monkeypatch):
+def test_package_data_writes_keep_the_root_copy_equal(tmp_path):
+    from an_zoo._io import write_package_data
+    committed = export_matrix.STATUS.read_text()
+    (tmp_path / 'pyproject.toml').write_text('')
+    package, root = tmp_path / 'an_zoo', tmp_path / 'export_status.json'
+    package.mkdir()
+    root.write_text('{}')
+    packaged = package / 'export_status.json'
+    assert write_package_data(packaged, committed, package=package) == [packaged, root]
+    assert packaged.read_text() == root.read_text() == committed and not packaged.is_symlink()
+    other = tmp_path / 'other.json'
+    assert write_package_data(other, committed, package=package) == [other]
+    (tmp_path / 'pyproject.toml').unlink()  # an installed package: no repository copy to keep
+    assert write_package_data(packaged, committed, package=package) == [packaged]
+
+
+def test_check_fails_when_the_root_copy_drifts(tmp_path, monkeypatch):
     committed = export_matrix.STATUS.read_bytes()
     packaged, root = tmp_path / 'an_zoo' / 'export_status.json', tmp_path / 'export_status.json'
     packaged.parent.mkdir()
+    packaged.write_bytes(committed)
+    root.write_bytes(committed)
     monkeypatch.setattr(export_matrix, 'STATUS', packaged)
     monkeypatch.setattr(export_matrix, 'ROOT_STATUS', root)
-    assert export_matrix.write_status(json.loads(committed)) == [packaged, root]
-    assert packaged.read_bytes() == root.read_bytes() == committed  # the committed file is in the written format
-    assert not packaged.is_symlink()
-    other = tmp_path / 'other.json'
-    assert export_matrix.write_status(json.loads(committed), other) == [other] and other.read_bytes() == committed
     check = ['--check', '--status-file', str(packaged), '--page', str(export_matrix.PAGE)]
     assert export_matrix.main(check) == 0
     root.write_bytes(committed + b'\n')
