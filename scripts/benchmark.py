@@ -220,6 +220,8 @@ def run(args: argparse.Namespace) -> Dict:
         torch.set_num_threads(args.threads)
     import an_zoo  # noqa: F401  (registers the an_* models; after AN_ZOO_IMPL is set)
     device = torch.device(args.device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # convolution algorithms autotuned during the warm-up steps
     torch.manual_seed(0)
     pairs = parse_pairs(args.pairs)
     results = dict(environment=environment(device), args=vars(args), memory=[], speed=[], layers=[], ort=[])
