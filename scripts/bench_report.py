@@ -1,6 +1,6 @@
 """The stated performance targets of each AN/BN pair, and the markdown tables generated from a benchmark's JSON.
 
-``scripts/benchmark.py --markdown FILE`` (or ``python scripts/bench_report.py results.json``) renders the results
+``scripts/benchmark.py --markdown FILE`` (or ``python scripts/bench_report.py eager.json compiled.json``) renders the results
 of ``scripts/benchmark.py --json`` so the documentation's tables are the measured output, never retyped.
 """
 import argparse
@@ -138,14 +138,28 @@ def render(results: Dict) -> str:
     return '\n'.join(parts) + '\n'
 
 
+def merge(runs: List[Dict]) -> Dict:
+    """One results dict from several runs (e.g. an eager and a compiled one): their measures concatenated, the
+    environment and settings of the first run that has them."""
+    merged: Dict = dict(environment={}, args={}, memory=[], speed=[], layers=[], ort=[])
+    for r in runs:
+        merged['environment'] = merged['environment'] or r.get('environment', {})
+        merged['args'] = merged['args'] or r.get('args', {})
+        for key in ('memory', 'speed', 'layers', 'ort'):
+            merged[key] += r.get(key, [])
+    return merged
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('json_file', help='output of scripts/benchmark.py --json')
+    parser.add_argument('json_files', nargs='+', help='outputs of scripts/benchmark.py --json (merged)')
     parser.add_argument('--targets', action='store_true', help='also list the targets and their limits')
     args = parser.parse_args(argv)
-    with open(args.json_file) as f:
-        results = json.load(f)
-    print(render(results))
+    runs = []
+    for path in args.json_files:
+        with open(path) as f:
+            runs.append(json.load(f))
+    print(render(merge(runs)))
     if args.targets:
         print('\n'.join(targets_list()))
     return 0

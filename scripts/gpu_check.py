@@ -110,20 +110,6 @@ def bench_section(name: str, out: Path, pairs: List[str], extra: List[str], base
     return result
 
 
-def merged_results(sections: List[Dict]) -> Dict:
-    """One benchmark results dict (environment, args, memory, speed) from every benchmark section that finished."""
-    merged: Dict = dict(environment={}, args={}, memory=[], speed=[], layers=[], ort=[])
-    for section in sections:
-        r = section.get('results')
-        if not r:
-            continue
-        merged['environment'] = merged['environment'] or r['environment']
-        merged['args'] = merged['args'] or r['args']
-        for key in ('memory', 'speed'):
-            merged[key] += r.get(key, [])
-    return merged
-
-
 def markdown(report: Dict) -> str:
     import bench_report
     lines = [f'# GPU check ({"dry run on the CPU" if report["dry_run"] else "CUDA"}), '
@@ -136,7 +122,7 @@ def markdown(report: Dict) -> str:
                      f'passed {s.get("passed", 0)}, failed {s.get("failed", 0)}, skipped {s.get("skipped", 0)}'
                      + (f'; failed: {", ".join(s["failed_ids"])}' if s.get('failed_ids') else ''))
         lines.append(f'| {s["name"]} | {s["status"]} | {s.get("seconds", 0)} | {notes} |')
-    merged = merged_results(report['sections'])
+    merged = bench_report.merge([s['results'] for s in report['sections'] if s.get('results')])
     if merged['speed'] or merged['memory']:
         lines += ['', bench_report.render(merged)]
     return '\n'.join(lines) + '\n'
