@@ -33,6 +33,7 @@ def test_benchmark_every_measure_at_toy_size(tmp_path):
     net = results['layers'][0]
     assert net['an_layers'] == 8 and len(net['sites']) == 2
     assert all(site[m]['an_us'] > 0 for site in net['sites'] for m in ('infer', 'train', 'infer_fixed'))
+    assert 'diff_us_best' in net['sites'][0]['train_fixed']
     ort = results['ort'][0]
     assert ort['ratio_median'] > 0 and ort['bn_ops'].get('BatchNormalization', 0) == 0  # folded into the Conv
     assert results['environment']['onnxruntime'] and results['environment']['torch']
