@@ -1,7 +1,8 @@
 """The stated performance targets of each AN/BN pair, and the markdown tables generated from a benchmark's JSON.
 
-``scripts/benchmark.py --markdown FILE`` (or ``python scripts/bench_report.py eager.json compiled.json``) renders the results
-of ``scripts/benchmark.py --json`` so the documentation's tables are the measured output, never retyped.
+``scripts/benchmark.py --markdown FILE`` (or ``python scripts/bench_report.py eager.json compiled.json``, which
+merges runs) renders the results of ``scripts/benchmark.py --json``, so the documentation's tables are the measured
+output, never retyped.
 """
 import argparse
 import json

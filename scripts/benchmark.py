@@ -212,8 +212,17 @@ def _print_speed(r: Dict) -> None:
           f'AN {r["an_images_per_s"]:.1f}, BN {r["bn_images_per_s"]:.1f} img/s){extra}', flush=True)
 
 
+def _save(results: Dict, path: Optional[str]) -> None:
+    """Write the results so far: a run stopped by a time limit (scripts/gpu_check.py) keeps what it measured."""
+    if path:
+        tmp = f'{path}.partial'
+        with open(tmp, 'w') as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, path)
+
+
 def run(args: argparse.Namespace) -> Dict:
-    """Every requested measure; the results dict that --json writes."""
+    """Every requested measure; the results dict that --json writes (rewritten after each measure)."""
     if args.impl:
         os.environ['AN_ZOO_IMPL'] = args.impl
     if args.threads:
@@ -233,6 +242,7 @@ def run(args: argparse.Namespace) -> Dict:
                                            x, args.precision) for n in (an_name, bn_name)}
         results['memory'].append(dict(an=an_name, bn=bn_name, an_bytes=sizes[an_name], bn_bytes=sizes[bn_name],
                                       ratio=sizes[an_name] / sizes[bn_name]))
+        _save(results, args.json)
         print(f'saved activations  {an_name:22s} / {bn_name:18s} {sizes[an_name] / sizes[bn_name]:.4f} '
               f'({sizes[an_name] / 2**20:.1f} / {sizes[bn_name] / 2**20:.1f} MiB)', flush=True)
     if args.memory_only:
@@ -246,6 +256,7 @@ def run(args: argparse.Namespace) -> Dict:
             for mode in args.modes.split(','):
                 r = measure_pair(an_name, bn_name, mode, args, device, compiled)
                 results['speed'].append(r)
+                _save(results, args.json)
                 _print_speed(r)
     if args.layers:
         import bench_layers
@@ -254,6 +265,7 @@ def run(args: argparse.Namespace) -> Dict:
                                                img=args.layer_img, modes=args.modes.split(','),
                                                rounds=args.rounds, iters=args.layer_iters, device=device)
             results['layers'].append(net)
+            _save(results, args.json)
             for mode in args.modes.split(','):
                 s = bench_layers.summary(net, mode)
                 print(f'layers {mode:5s} {an_name:22s} AN - BN per layer: {s["real_us_per_layer"]:.0f} us at real '
@@ -265,6 +277,7 @@ def run(args: argparse.Namespace) -> Dict:
             o = bench_ort.measure_pair(an_name, bn_name, batch=args.batch_infer, img=args.img_infer,
                                        rounds=args.rounds, iters=args.iters)
             results['ort'].append(o)
+            _save(results, args.json)
             print(f'onnxruntime cpu {an_name:22s} AN/BN images/s {o["ratio_median"]:.3f} (min {o["ratio_min"]:.3f}, '
                   f'max {o["ratio_max"]:.3f}; AN {o["an_images_per_s"]:.1f}, BN {o["bn_images_per_s"]:.1f} img/s)',
                   flush=True)
@@ -275,9 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     results = run(args)
     print(json.dumps(results['environment']))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+    _save(results, args.json)
     if args.markdown:
         import bench_report
         with open(args.markdown, 'w') as f:
