@@ -108,18 +108,19 @@ def measure_pair(an_name: str, bn_name: str, mode: str, args, device: torch.devi
         torch._dynamo.reset()  # AN and BN twins share forward code: earlier pairs must not use up its recompile limit
     steps, peaks, compile_s = {}, {}, {}
     for name in (an_name, bn_name):
-        model = timm.create_model(name).to(device).to(memory_format=torch.channels_last)
-        steps[name] = _runner(model, mode, x, args.precision, compiled, args.compile_backend)
-        if device.type == 'cuda':
+        if device.type == 'cuda':  # peak of this model's step above what is allocated before it (the other model)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        model = timm.create_model(name).to(device).to(memory_format=torch.channels_last)
+        steps[name] = _runner(model, mode, x, args.precision, compiled, args.compile_backend)
         start = time.perf_counter()
         for _ in range(max(args.warmup, 1)):  # includes compilation
             steps[name]()
         _sync(device)
         compile_s[name] = time.perf_counter() - start
         if device.type == 'cuda':
-            peaks[name] = torch.cuda.max_memory_allocated(device)
+            peaks[name] = torch.cuda.max_memory_allocated(device) - before
     ratios, ips = [], {an_name: [], bn_name: []}
     for r in range(args.rounds):
         order = (an_name, bn_name) if r % 2 == 0 else (bn_name, an_name)

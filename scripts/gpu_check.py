@@ -137,6 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--budget', type=float, default=450, help='seconds for all sections together')
     parser.add_argument('--dry-run', action='store_true', help='the whole plan on the CPU at toy sizes')
     parser.add_argument('--sections', default='tests,eager,compiled', help='comma list of tests, eager, compiled')
+    parser.add_argument('--pairs', help=f'comma list of AN models to benchmark (default {",".join(GPU_PAIRS)})')
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])),
                CUBLAS_WORKSPACE_CONFIG=':4096:8')
     base, pairs = (DRY_BENCH, list(DRY_PAIRS)) if args.dry_run else (GPU_BENCH, list(GPU_PAIRS))
+    if args.pairs:
+        pairs = args.pairs.split(',')
     # dry run: compile traced only, inference only (scripts/benchmark.py's own test covers compiled training)
     compile_extra = (['--compile-backend', 'eager', '--modes', 'infer'] if args.dry_run
                      else ['--modes', 'train,infer'])
