@@ -22,11 +22,12 @@ TARGETS: Dict[str, Dict] = {
                                limit='17 AN layers at the depthwise outputs of a network with little compute per '
                                      'byte: the extra read of x and the fixed per-layer ops weigh more'),
     'an_aognet_12m': dict(infer=0.93, train=0.93, saved=1.02,
-                          limit='24 AN layers on narrow nodes of a small (12M) network: per-layer fixed overhead '
-                                'against little conv work per layer'),
+                          limit='24 AN layers on node outputs: the size-dependent passes (the moments pass over x in '
+                                'eval, the extra gradient passes in training); the fixed part is < 1 % of a step'),
     'an_densenet121': dict(infer=0.88, train=0.88, saved=1.02,
-                           limit='58 AN layers (the bottleneck norm of every dense layer) at small spatial sizes: '
-                                 'per-layer fixed overhead times 58 against thin (32-channel) convs'),
+                           limit='58 AN layers (the 128-channel bottleneck norm of every dense layer) between thin '
+                                 '(32-output) convs: fixed per-layer ops x 58 and the extra backward passes weigh '
+                                 'more than next to wide convs'),
     'an_resnet50_all': dict(infer=0.92, train=0.92, saved=1.02,
                             limit='53 AN layers (every norm), 3.3x the AN layers of an_resnet50, each with the '
                                   'same per-layer fixed overhead and eval read of x'),
