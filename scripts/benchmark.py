@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -140,23 +139,13 @@ def measure_pair(an_name: str, bn_name: str, mode: str, args, device: torch.devi
 
 
 def environment(device: torch.device) -> Dict:
-    env = dict(device=device.type, python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-               platform=platform.platform(), processor=platform.processor() or platform.machine(),
-               threads=torch.get_num_threads(), an_zoo_impl=os.environ.get('AN_ZOO_IMPL', 'fast'))
-    for module in ('an_zoo', 'onnxruntime', 'onnx'):
-        try:
-            env[module] = __import__(module).__version__
-        except ImportError:
-            pass
+    """The shared machine / versions description plus what this benchmark varies (device, threads, AN path)."""
+    from an_zoo._env import cpu_name, describe_environment, device_name
+    env = describe_environment('onnxruntime', 'onnx')
+    env.update(device=device.type, cpu=cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+               an_zoo_impl=os.environ.get('AN_ZOO_IMPL', 'fast'))
     if device.type == 'cuda':
-        env['gpu'] = torch.cuda.get_device_name(device)
-        env['cuda'] = torch.version.cuda
-    try:
-        with open('/proc/cpuinfo') as f:
-            env['cpu'] = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
-    except OSError:
-        pass
-    env['cpu_count'] = os.cpu_count()
+        env.update(gpu=device_name(device), cuda=torch.version.cuda)
     return env
 
 
