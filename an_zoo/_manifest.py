@@ -293,7 +293,9 @@ def pretrained_cfgs(architectures: Mapping[str, Dict[str, Any]], path: Optional[
 def update_entry(name: str, path: Optional[Path] = None, **fields: Any) -> WeightEntry:
     """Set top-level fields of the entry ``'arch.tag'`` (``provenance`` and ``measured``, which is keyed by evaluation
     set, are merged) and rewrite the manifest; the result is validated before anything is written."""
-    file = Path(path or manifest_path())
+    # resolved: a manifest reached through a symbolic link is rewritten where it lives (an atomic replace of the
+    # link would swap out the link itself and leave the real file unchanged)
+    file = Path(path or manifest_path()).resolve()
     raw = json.loads(file.read_text(encoding='utf-8'))
     names = [f'{w["model"]}.{w["tag"]}' for w in raw['weights']]
     arch, _, tag = name.partition('.')

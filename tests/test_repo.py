@@ -28,6 +28,7 @@ def test_readme_opens_with_two_setup_commands_and_ci_runs_the_second():
     assert ci[-1] == commands[1]
 
 
+@pytest.mark.slow
 def test_docs_tables_are_generated():
     result = subprocess.run([sys.executable, str(REPO / 'scripts' / 'model_table.py'), '--check'],
                             capture_output=True, text=True)
@@ -82,6 +83,7 @@ def _hub_entries():
     return [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith('_')]
 
 
+@pytest.mark.slow
 def test_readme_main_command_trains_offline_and_reaches_the_stated_accuracy(tmp_path):
     """The README's first command, exactly (minus its install step), on the embedded default, network off."""
     import sklearn  # noqa: F401  (test extra: its absence is a failure, not a skip)

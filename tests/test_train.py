@@ -109,6 +109,7 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
         main(TINY + ['--model', 'resnet18', '--epochs', '2', '--output', str(out), '--resume'])
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     common = [sys.executable, '-m', 'an_zoo.train', *TINY, '--model', 'an_resnet18_bn12', '--epochs', '2',
               '--log-interval', '1']
@@ -141,6 +142,7 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     assert [row['epoch'] for row in log] == [0, 1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_sync_bn(tmp_path):
     out = tmp_path / 'ddp'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'an_zoo.train',
