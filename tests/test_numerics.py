@@ -459,3 +459,44 @@ def spec_forward_bn(bn, x, training):
     else:
         mean, var = bn.running_mean.double(), bn.running_var.double()
     return (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
+
+
+# ------------------------------------------------------------------------------------------ non-finite input
+# BatchNorm's semantics, extended to what AN mixes (documented in docs: numerics): in training a NaN / inf reaches
+# the batch statistics, so it poisons the running statistics of its channel (as nn.BatchNorm2d) and, through the
+# attention (its statistic of that sample feeds every logit, normalized over the batch), every running statistic of
+# the attention's BatchNorm and every output of the batch. In eval only the sample that holds it is affected, but all
+# of its channels: the attention mixes the channels of a sample.
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_non_finite_input_in_training(impl, value):
+    layer = _layer(impl, 'cpu', training=True)
+    bn = nn.BatchNorm2d(16, affine=False)
+    bn.load_state_dict(layer.norm.state_dict())
+    x = torch.randn(4, 16, 5, 5)
+    x[1, 3, 2, 2] = value
+    out = layer(x)
+    bn(x)
+    for name in ('running_mean', 'running_var'):
+        got, expected = getattr(layer.norm, name), getattr(bn, name)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected)), name  # only channel 3, as BatchNorm
+        assert not torch.isfinite(got[3]) and torch.isfinite(got[torch.arange(16) != 3]).all()
+        assert not torch.isfinite(getattr(layer.attn.bn, name)).any(), name  # every logit statistic
+    assert not torch.isfinite(out).any()
+    assert layer.norm.num_batches_tracked == 1 and layer.attn.bn.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_non_finite_input_in_eval(impl, value):
+    layer = _layer(impl, 'cpu', training=False)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 16, 5, 5)
+    x[1, 3, 2, 2] = value
+    with torch.no_grad():
+        out = layer(x)
+    assert not torch.isfinite(out[1]).any()  # every channel of that sample
+    assert torch.isfinite(out[[0, 2, 3]]).all()  # the other samples are untouched
+    torch.testing.assert_close(out[[0, 2, 3]], layer(x[[0, 2, 3]]).detach())
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True)
