@@ -179,14 +179,16 @@ class AttentiveBatchNorm2d(MixtureNorm):
     def _use_fast(self) -> bool:
         """The fast path, unless it would break the module contract: it reads the children's tensors without calling
         them, so hooks on them (or global ones) would never fire; torch.func transforms need the reference code."""
-        if self.impl != 'fast' or not self._fast_supported():
+        if self.impl != 'fast':
             return False
-        if not torch.compiler.is_compiling() and _functorch_active():
+        # (the children through _modules: nn.Module.__getattr__ costs, and this runs for every layer call)
+        norm, attn = self._modules['norm'], self._modules['attn']
+        conv, bn = attn._modules['conv'], attn._modules['bn']
+        if not fast_path_supported(norm, bn):
             return False
-        attn = self.attn
-        if any(_global_hook_dicts) or _hooked(self.norm) or _hooked(attn) or _hooked(attn.conv) or _hooked(attn.bn):
+        if _hooked(norm) or _hooked(attn) or _hooked(conv) or _hooked(bn) or any(_global_hook_dicts):
             return False
-        return True
+        return torch.compiler.is_compiling() or not _functorch_active()
 
     @torch.jit.unused
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
