@@ -1,4 +1,5 @@
-"""Attentive Normalization (AN) — reference implementation.
+"""Attentive Normalization (AN) over BatchNorm: the layer, the choice of code path for each call, and the reference
+implementation.
 
 Paper: `Attentive Normalization`, Xilai Li, Wei Sun, Tianfu Wu, ECCV 2020 — https://arxiv.org/abs/1908.01259
 
@@ -18,8 +19,10 @@ one could not keep the module contract: under TorchScript, under torch.func tran
 with BatchNorms that must synchronise batch statistics, and while hooks are registered on the layer's children
 (or globally), so that those hooks fire and tools built on hooks (torchinfo, pruning, activation capture) see the
 children's compute. Plain ``torch.fx.symbolic_trace`` records the layer as one call of
-:func:`an_zoo.layers.functional.attentive_batch_norm`. The layer is built by composition rather than by subclassing ``nn.BatchNorm2d``: the standardization and
-the attention's ``BatchNorm_K`` are ordinary ``nn.BatchNorm2d`` children, so stock tools that key on BatchNorm
+:func:`an_zoo.layers.functional.attentive_batch_norm`.
+
+The layer is built by composition rather than by subclassing ``nn.BatchNorm2d``: the standardization and the
+attention's ``BatchNorm_K`` are ordinary ``nn.BatchNorm2d`` children, so stock tools that key on BatchNorm
 (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, timm's ``freeze_batch_norm_2d``) reach exactly the parts they
 should and can never silently strip the attention or the mixture.
 
@@ -51,8 +54,13 @@ IMPLEMENTATIONS = ('fast', 'reference')
 # symbolic tracing records one call of this function per layer (its branches run on real tensors)
 torch.fx.wrap('attentive_batch_norm')
 
-_global_hook_dicts = tuple(getattr(torch.nn.modules.module, name) for name in (
-    '_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks', '_global_backward_pre_hooks'))
+_module_globals = torch.nn.modules.module  # where torch keeps the global module hooks
+
+
+def _global_hooks() -> bool:
+    m = _module_globals
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
 def default_impl() -> str:
@@ -186,7 +194,7 @@ class AttentiveBatchNorm2d(MixtureNorm):
         conv, bn = attn._modules['conv'], attn._modules['bn']
         if not fast_path_supported(norm, bn):
             return False
-        if _hooked(norm) or _hooked(attn) or _hooked(conv) or _hooked(bn) or any(_global_hook_dicts):
+        if _hooked(norm) or _hooked(attn) or _hooked(conv) or _hooked(bn) or _global_hooks():
             return False
         return torch.compiler.is_compiling() or not _functorch_active()
 
