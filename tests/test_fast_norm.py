@@ -247,3 +247,47 @@ def test_compile_fullgraph_fast_path(training, grad):
     torch.testing.assert_close(out, expected)
     if grad:
         out.sum().backward()
+
+
+def test_eval_fold_cache_never_serves_stale_values():
+    """Eval without autograd keeps the folded matrices between calls; every way of changing a parameter, a buffer or
+    an epsilon is seen (keyed on storage and version counter)."""
+    _, fast = _pair()
+    fast.eval()
+    x = torch.randn(3, 24, 5, 4)
+
+    def check(layer=None, inputs=None):
+        layer = layer or fast
+        inputs = x if inputs is None else inputs
+        reference = copy.deepcopy(layer)
+        reference.impl = 'reference'
+        with torch.no_grad():
+            first = layer(inputs)
+            torch.testing.assert_close(first, reference(inputs))
+            assert torch.equal(layer(inputs), first)  # (a cached call)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(inputs), first)
+
+    check()
+    with torch.no_grad():
+        fast.mixture_weight.mul_(1.5)
+        check()
+        fast.attn.conv.weight.add_(0.1)
+        check()
+        fast.norm.running_var.fill_(2.0)
+        check()
+        fast.attn.bn.running_mean.add_(0.3)
+        check()
+    fast.attn.bn.eps = 1e-2
+    check()
+    other, _ = _pair()
+    other.attn.bn.weight.data.uniform_(0.1, 0.2)
+    fast.load_state_dict(other.state_dict())
+    check()
+    fast.mixture_bias = nn.Parameter(torch.randn_like(fast.mixture_bias))
+    check()
+    fast.train()(torch.randn(4, 24, 5, 4))  # a training step moves the running statistics
+    fast.eval()
+    check()
+    check(fast.double(), x.double())
+    check(fast.float().half().float())

@@ -168,3 +168,20 @@ def test_frozenlayer_with_statistics():
         torch.testing.assert_close(v, before[k])
     assert frozen.mixture_weight.grad is None and frozen.attn.bn.weight.grad is None
     assert frozen.attn.conv.weight.grad is not None  # the attention is still learned
+
+
+def test_layer_family_shares_the_mixture_base():
+    from an_zoo.layers import AttentiveGroupNorm, MixtureAttention, MixtureNorm
+    bn_layer, gn_layer = AttentiveBatchNorm2d(16, 4), AttentiveGroupNorm(16, 4, num_groups=4)
+    for layer in (bn_layer, gn_layer):
+        assert isinstance(layer, MixtureNorm) and isinstance(layer.attn, MixtureAttention)
+        assert type(layer).reset_parameters is MixtureNorm.reset_parameters
+        layer.reset_parameters(zero_init=True)
+        assert not layer.mixture_weight.any() and not layer.mixture_bias.any()
+    # the attention takes its normalization as an argument (state_dict names as the checkpoints')
+    attn = MixtureAttention(16, 4, norm=nn.GroupNorm(1, 4), norm_name='norm')
+    assert set(attn.state_dict()) == {'conv.weight', 'norm.weight', 'norm.bias'}
+    assert set(MixtureAttention(16, 4, norm=nn.Identity(), norm_name='norm', conv_bias=True).state_dict()) == {
+        'conv.weight', 'conv.bias'}
+    assert set(MixtureAttention(16, 4).state_dict()) == {
+        'conv.weight', 'bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var', 'bn.num_batches_tracked'}

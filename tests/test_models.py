@@ -257,3 +257,33 @@ def test_zero_init_last_and_an_placement():
     assert isinstance(d.maxpool, nn.MaxPool2d) and d.maxpool.kernel_size == 2 and d.maxpool.stride == 2
     assert [m.out_channels for m in d.conv1 if isinstance(m, nn.Conv2d)] == [32, 32, 64]
     assert isinstance(d.layer2[0].downsample[0], nn.AvgPool2d)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_meta_device_autocast(name):
+    # test_meta_device under CPU autocast: meta tensors have no autocast, and AN must not ask for it there
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=5, **COMPILE_DEPTH.get(name, {}))
+    x = torch.empty(2, 3, IMG, IMG, device='meta')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x).sum().backward()
+        with torch.no_grad():
+            assert model.eval()(x).shape == (2, 5)
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_accelerate_init_empty_weights(name):
+    # the big-model loading recipe: parameters on meta (buffers too), to_empty, then the real state dict
+    from accelerate import init_empty_weights
+    kwargs = COMPILE_DEPTH.get(name, {})
+    x = _input(size=32)
+    reference = calibrated(timm.create_model(name, num_classes=5, **kwargs), x)
+    with init_empty_weights(include_buffers=True):
+        model = timm.create_model(name, num_classes=5, **kwargs)
+    assert all(t.is_meta for t in model.state_dict().values())
+    model = model.to_empty(device='cpu')
+    model.load_state_dict(reference.state_dict())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))

@@ -406,3 +406,97 @@ def test_model_single_position_maps_and_batch_of_one(impl, name, device):
     loss = nn.functional.cross_entropy(model(x), torch.arange(4, device=device))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------- float32, |mean| >> std
+# The per-instance moments are sums of values shifted by one position of their own (sample, channel), so the
+# variance keeps float32 accuracy whatever the mean: torch.var_mean (two-pass) is the yardstick (4.7e-8 here).
+@pytest.mark.parametrize('mean, std', [(1e4, 1.0), (-1e4, 1.0), (1e3, 1e-2), (1.0, 1e-4), (0.0, 1.0)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_instance_moments_float32_large_mean(mean, std, channels_last):
+    x = (torch.randn(4, 8, 12, 10, dtype=torch.float64) * std + mean).float()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    mu, var = instance_moments(x)
+    exp_var, exp_mu = torch.var_mean(x.double(), dim=(2, 3), correction=0)
+    assert ((var.double() - exp_var).abs() / exp_var).max() <= 1e-6
+    assert ((mu.double() - exp_mu).abs() / (exp_mu.abs() + exp_var.sqrt())).max() <= 1e-6
+    # float16 / bfloat16 input: the same float32 statistics of the rounded values
+    for dtype in (torch.float16, torch.bfloat16):
+        low = x.to(dtype)
+        mu, var = instance_moments(low)
+        exp_var, exp_mu = torch.var_mean(low.double(), dim=(2, 3), correction=0)
+        assert ((var.double() - exp_var).abs() / exp_var.clamp(min=1e-30)).max() <= 1e-5
+
+
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('ratio', [1e2, 1e4])
+def test_float32_layer_with_large_instance_means(impl, training, ratio):
+    """Per-sample means of +-ratio (std 1 within each sample): float32 against the float64 specification, as
+    accurate as nn.BatchNorm2d on the same input (the fast path lost 1.45e-4 here when its instance mean came from
+    unshifted sums)."""
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None, None, None]
+    x = (torch.randn(4, 16, 9, 7, dtype=torch.float64) + sign * ratio).float()
+    layer = _layer(impl, 'cpu', training=True)
+    with torch.no_grad():  # calibrated running statistics for eval
+        calibrated(layer, x).train(training)
+    expected = spec_forward(layer, x, training)
+    with torch.no_grad():
+        out = layer(x)
+    bn = nn.BatchNorm2d(16).train(training)
+    with torch.no_grad():
+        bn.running_mean.copy_(layer.norm.running_mean)
+        bn.running_var.copy_(layer.norm.running_var)
+        bn_err = rel_err(bn(x), spec_forward_bn(bn, x, training))
+    assert rel_err(out, expected) <= max(5 * bn_err, 1e-6), (rel_err(out, expected), bn_err)
+
+
+def spec_forward_bn(bn, x, training):
+    x = x.double()
+    if training:
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+    return (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
+
+
+# ------------------------------------------------------------------------------------------ non-finite input
+# BatchNorm's semantics, extended to what AN mixes (documented in docs: numerics): in training a NaN / inf reaches
+# the batch statistics, so it poisons the running statistics of its channel (as nn.BatchNorm2d) and, through the
+# attention (its statistic of that sample feeds every logit, normalized over the batch), every running statistic of
+# the attention's BatchNorm and every output of the batch. In eval only the sample that holds it is affected, but all
+# of its channels: the attention mixes the channels of a sample.
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_non_finite_input_in_training(impl, value):
+    layer = _layer(impl, 'cpu', training=True)
+    bn = nn.BatchNorm2d(16, affine=False)
+    bn.load_state_dict(layer.norm.state_dict())
+    x = torch.randn(4, 16, 5, 5)
+    x[1, 3, 2, 2] = value
+    out = layer(x)
+    bn(x)
+    for name in ('running_mean', 'running_var'):
+        got, expected = getattr(layer.norm, name), getattr(bn, name)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected)), name  # only channel 3, as BatchNorm
+        assert not torch.isfinite(got[3]) and torch.isfinite(got[torch.arange(16) != 3]).all()
+        assert not torch.isfinite(getattr(layer.attn.bn, name)).any(), name  # every logit statistic
+    assert not torch.isfinite(out).any()
+    assert layer.norm.num_batches_tracked == 1 and layer.attn.bn.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_non_finite_input_in_eval(impl, value):
+    layer = _layer(impl, 'cpu', training=False)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 16, 5, 5)
+    x[1, 3, 2, 2] = value
+    with torch.no_grad():
+        out = layer(x)
+    assert not torch.isfinite(out[1]).any()  # every channel of that sample
+    assert torch.isfinite(out[[0, 2, 3]]).all()  # the other samples are untouched
+    torch.testing.assert_close(out[[0, 2, 3]], layer(x[[0, 2, 3]]).detach())
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True)

@@ -24,10 +24,9 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .attentive_norm import ATTENTION_EPS, AttentiveBatchNorm2d, MixtureAttention, instance_attention_stats
+from .mixture import ATTENTION_EPS, MixtureAttention, MixtureNorm, instance_attention_stats
 
 __all__ = ['AttentiveGroupNorm', 'GroupMixtureAttention']
 
@@ -55,23 +54,18 @@ class GroupMixtureAttention(MixtureAttention):
         dd = {'device': device, 'dtype': dtype}
         if attn_norm not in ATTENTION_NORMS:
             raise ValueError(f'attn_norm must be one of {ATTENTION_NORMS}, got {attn_norm!r}')
-        super().__init__(num_features, num_mixtures, eps=eps, **dd)
-        del self.bn  # AN-BN's BatchNorm over K: replaced by a per-sample normalization (or none)
+        # AN-BN's BatchNorm over K is replaced by a per-sample normalization (or none, with a conv bias)
+        norm = nn.GroupNorm(attn_groups, num_mixtures, eps=norm_eps, **dd) if attn_norm == 'group' else nn.Identity()
+        super().__init__(num_features, num_mixtures, eps=eps, norm=norm, norm_name='norm',
+                         conv_bias=attn_norm == 'none', **dd)
         self.attn_norm = attn_norm
-        if attn_norm == 'group':
-            self.norm = nn.GroupNorm(attn_groups, num_mixtures, eps=norm_eps, **dd)
-        else:
-            self.norm = nn.Identity()
-            self.conv.bias = nn.Parameter(torch.zeros(num_mixtures, **dd))
 
-    def gate(self, s: torch.Tensor) -> torch.Tensor:
-        """Mixture weights (N, K) from the attention input ``s`` (N, C)."""
-        z = self.norm(self.conv(s[:, :, None, None].to(self.conv.weight.dtype)))
-        return F.hardsigmoid(z).flatten(1)
+    def normalize_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.norm(z)
 
 
 @register_notrace_module  # a leaf for FX feature extraction, as AttentiveBatchNorm2d
-class AttentiveGroupNorm(nn.Module):
+class AttentiveGroupNorm(MixtureNorm):
     """Attentive Normalization on top of GroupNorm.
 
     Drop-in for ``nn.GroupNorm(num_groups, C)`` as a torchvision / timm ``norm_layer`` (``callable(C) -> module``):
@@ -106,20 +100,13 @@ class AttentiveGroupNorm(nn.Module):
             attn_groups: Groups of the GroupNorm over the K attention logits (reference: 1); K must be divisible.
         """
         dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.num_features = num_features
-        self.num_mixtures = num_mixtures
+        super().__init__(num_features, num_mixtures)
         self.num_groups = num_groups
         self.norm = nn.GroupNorm(num_groups, num_features, eps=eps, affine=False, **dd)
         self.attn = GroupMixtureAttention(
             num_features, num_mixtures, eps=attn_eps, attn_norm=attn_norm, attn_groups=attn_groups, norm_eps=eps,
             **dd)
-        self.mixture_weight = nn.Parameter(torch.empty(num_mixtures, num_features, **dd))
-        self.mixture_bias = nn.Parameter(torch.empty(num_mixtures, num_features, **dd))
-        self.reset_parameters()
-
-    # same init as AN-BN: scales ~ N(1, 0.1), offsets ~ N(0, 0.1); zero_init=True sets both to 0
-    reset_parameters = AttentiveBatchNorm2d.reset_parameters
+        self._create_mixture(**dd)  # as AN-BN: scales ~ N(1, 0.1), offsets ~ N(0, 0.1)
 
     @property
     def eps(self) -> float:
@@ -143,8 +130,4 @@ class AttentiveGroupNorm(nn.Module):
             s = instance_attention_stats(x, self.attn.eps)  # float32 (float64 for float64 input)
         else:  # no RoIs (torchvision runs its heads on empty batches): no statistics, same graph
             s = x.new_zeros(x.shape[:2] + (1, 1), dtype=torch.float32)
-        lam = self.attn.gate(s.flatten(1)).to(self.mixture_weight.dtype)
-        gamma = lam @ self.mixture_weight  # (N, C)
-        beta = lam @ self.mixture_bias
-        out = x_hat * gamma[:, :, None, None] + beta[:, :, None, None]
-        return out.to(x.dtype)
+        return self.mix(x_hat, self.attn.gate(s.flatten(1)), x.dtype)

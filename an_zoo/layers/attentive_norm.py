@@ -1,4 +1,5 @@
-"""Attentive Normalization (AN) — reference implementation.
+"""Attentive Normalization (AN) over BatchNorm: the layer, the choice of code path for each call, and the reference
+implementation.
 
 Paper: `Attentive Normalization`, Xilai Li, Wei Sun, Tianfu Wu, ECCV 2020 — https://arxiv.org/abs/1908.01259
 
@@ -10,10 +11,18 @@ affine transforms whose weights are computed per instance by a small squeeze-and
     lam   = hardsigmoid(BatchNorm_K(conv1x1_{C->K}(s)))    (N, K), each entry in [0, 1]
     out   = (lam @ W) * xhat + (lam @ B)                   W, B: (K, C)
 
-This module holds the readable reference, written from the specification, which the fast implementation
-(:mod:`an_zoo.layers.fast_attentive_norm`, the default, same results) is tested against; ``impl='reference'`` or
-``AN_ZOO_IMPL=reference`` selects it. The layer is built by composition rather than by subclassing ``nn.BatchNorm2d``: the standardization and
-the attention's ``BatchNorm_K`` are ordinary ``nn.BatchNorm2d`` children, so stock tools that key on BatchNorm
+This module holds the layer: its state, its input checks and the choice of code path for each call. The readable
+reference (below, written from the specification, with the attention and mixture of :mod:`an_zoo.layers.mixture`)
+is what the fast implementation (:mod:`an_zoo.layers.fast_attentive_norm`, the default, same results) is tested
+against; ``impl='reference'`` or ``AN_ZOO_IMPL=reference`` selects it. The reference code also runs wherever the fast
+one could not keep the module contract: under TorchScript, under torch.func transforms (vmap, grad, jvp, jacrev),
+with BatchNorms that must synchronise batch statistics, and while hooks are registered on the layer's children
+(or globally), so that those hooks fire and tools built on hooks (torchinfo, pruning, activation capture) see the
+children's compute. Plain ``torch.fx.symbolic_trace`` records the layer as one call of
+:func:`an_zoo.layers.functional.attentive_batch_norm`.
+
+The layer is built by composition rather than by subclassing ``nn.BatchNorm2d``: the standardization and the
+attention's ``BatchNorm_K`` are ordinary ``nn.BatchNorm2d`` children, so stock tools that key on BatchNorm
 (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, timm's ``freeze_batch_norm_2d``) reach exactly the parts they
 should and can never silently strip the attention or the mixture.
 
@@ -28,17 +37,30 @@ import os
 from typing import Any, Dict, Optional, Type
 
 import torch
+import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import create_act_layer, register_notrace_module
 
-from .fast_attentive_norm import fast_attentive_norm, stats_input
+from .fast_attentive_norm import FoldCache, fast_attentive_norm, fast_path_supported
+from .functional import attentive_batch_norm, check_an_input
+from .mixture import ATTENTION_EPS, MixtureAttention, MixtureNorm, instance_attention_stats
 
 __all__ = ['AttentiveBatchNorm2d', 'AttentiveBatchNormAct2d', 'MixtureAttention', 'instance_attention_stats',
-           'default_impl', 'IMPLEMENTATIONS']
+           'default_impl', 'IMPLEMENTATIONS', 'ATTENTION_EPS']
 
 # 'fast': an_zoo.layers.fast_attentive_norm (default); 'reference': the spec, step by step (this file)
 IMPLEMENTATIONS = ('fast', 'reference')
+
+# symbolic tracing records one call of this function per layer (its branches run on real tensors)
+torch.fx.wrap('attentive_batch_norm')
+
+_module_globals = torch.nn.modules.module  # where torch keeps the global module hooks
+
+
+def _global_hooks() -> bool:
+    m = _module_globals
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
 def default_impl() -> str:
@@ -48,59 +70,20 @@ def default_impl() -> str:
         raise ValueError(f'AN_ZOO_IMPL must be one of {IMPLEMENTATIONS}, got {impl!r}')
     return impl
 
-# Epsilon of the attention statistic (mean * rsqrt(var + eps)); fixed by the reference, distinct from the BN eps.
-ATTENTION_EPS = 1e-3
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
-def instance_attention_stats(x: torch.Tensor, eps: float = ATTENTION_EPS) -> torch.Tensor:
-    """Per-(sample, channel) attention input ``mean_hw(x) * rsqrt(var_hw(x) + eps)``, shape (N, C, 1, 1), float32
-    (float64 for float64 input).
-
-    ``var_hw`` is the unbiased variance over H*W (as the reference). A single spatial position has no unbiased
-    variance; its variance is taken as 0 instead of the reference's NaN.
-    """
-    spatial = x.shape[2] * x.shape[3]
-    correction = 1 if spatial > 1 else 0
-    var, mean = torch.var_mean(stats_input(x), dim=(2, 3), correction=correction, keepdim=True)
-    return mean * torch.rsqrt(var + eps)
-
-
-class MixtureAttention(nn.Module):
-    """Instance-specific mixture weights ``lam = hardsigmoid(BN_K(conv1x1(s)))`` of shape (N, K)."""
-
-    def __init__(
-            self,
-            num_features: int,
-            num_mixtures: int,
-            eps: float = ATTENTION_EPS,
-            device=None,
-            dtype=None,
-    ) -> None:
-        """
-        Args:
-            num_features: Channels C of the normalized input.
-            num_mixtures: Number K of affine transforms mixed.
-            eps: Epsilon of the per-instance statistic.
-        """
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.eps = eps
-        self.conv = nn.Conv2d(num_features, num_mixtures, kernel_size=1, bias=False, **dd)
-        self.bn = nn.BatchNorm2d(num_mixtures, **dd)
-        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate(instance_attention_stats(x, self.eps).flatten(1))
-
-    def gate(self, s: torch.Tensor) -> torch.Tensor:
-        """Mixture weights (N, K) from the attention input ``s`` (N, C)."""
-        # float32 statistics are handed to the conv in its own dtype (autocast, if active, recasts as usual)
-        z = self.bn(self.conv(s[:, :, None, None].to(self.conv.weight.dtype)))
-        return F.hardsigmoid(z).flatten(1)
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, jacrev, ...) is running: the fast path's autograd Function and
+    its ``out=`` writes are not written for them, the reference code's modules are."""
+    return torch._C._are_functorch_transforms_active()
 
 
 @register_notrace_module  # a leaf for FX feature extraction: its shape checks must not be traced through
-class AttentiveBatchNorm2d(nn.Module):
+class AttentiveBatchNorm2d(MixtureNorm):
     """Attentive Normalization on top of BatchNorm (reference implementation).
 
     Drop-in for ``nn.BatchNorm2d(num_features)`` wherever a timm / torchvision model takes a ``norm_layer``:
@@ -136,36 +119,29 @@ class AttentiveBatchNorm2d(nn.Module):
                 Both give the same results; TorchScript always runs the reference code.
         """
         dd = {'device': device, 'dtype': dtype}
-        super().__init__()
+        super().__init__(num_features, num_mixtures)
         self.impl = impl or default_impl()
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f'impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}')
-        self.num_features = num_features
-        self.num_mixtures = num_mixtures
         self.norm = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False, **dd)
         self.attn = MixtureAttention(num_features, num_mixtures, eps=attn_eps, **dd)
-        self.mixture_weight = nn.Parameter(torch.empty(num_mixtures, num_features, **dd))
-        self.mixture_bias = nn.Parameter(torch.empty(num_mixtures, num_features, **dd))
+        self._create_mixture(**dd)
         self.frozen = False
-        self.reset_parameters()
+        self._fold_cache = FoldCache()  # eval-mode folded matrices of the fast path (not state)
 
     @property
     def eps(self) -> float:
         return self.norm.eps
 
+    def _apply(self, fn, *args, **kwargs):
+        cache = self.__dict__.get('_fold_cache')
+        if cache is not None:  # (.to(), .half(), ...: let go of the old tensors now)
+            cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def momentum(self) -> Optional[float]:
         return self.norm.momentum
-
-    def reset_parameters(self, zero_init: bool = False) -> None:
-        """Reference init: scales ~ N(1, 0.1), offsets ~ N(0, 0.1); ``zero_init`` (last norm of a residual
-        branch) sets both to 0 so the block starts as identity."""
-        if zero_init:
-            nn.init.zeros_(self.mixture_weight)
-            nn.init.zeros_(self.mixture_bias)
-        else:
-            nn.init.normal_(self.mixture_weight, 1.0, 0.1)
-            nn.init.normal_(self.mixture_bias, 0.0, 0.1)
 
     def freeze(self) -> 'AttentiveBatchNorm2d':
         """Freeze the running statistics, the mixture and the attention's BatchNorm (the AN counterpart of
@@ -189,53 +165,62 @@ class AttentiveBatchNorm2d(nn.Module):
                 f'momentum={self.momentum}{frozen}')
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            hint = ': add the batch dimension (x.unsqueeze(0))' if x.dim() == 3 else ''
-            raise ValueError(f'AttentiveBatchNorm2d expects a 4D (N, C, H, W) input, got {x.dim()}D input of '
-                             f'shape {list(x.shape)}{hint}')
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f'AttentiveBatchNorm2d({self.num_features}) got an input with {x.shape[1]} channels (shape '
-                f'{list(x.shape)}), expected {self.num_features}: the layer before it must output '
-                f'{self.num_features} channels (or build this layer with num_features={x.shape[1]})')
-        if self.attn.bn.training and x.shape[0] == 1:
-            # the attention branch normalizes its (N, K) logits over the batch, as BatchNorm does (a frozen
-            # layer keeps that BatchNorm in eval mode and takes any batch size)
-            raise ValueError(
-                f'Expected more than 1 value per channel when training, got input size {list(x.shape)}: '
-                f'AttentiveBatchNorm2d normalizes its attention over the batch, so training needs batch size > 1 '
-                f'(use model.eval() for single-sample inference, or an_zoo.freeze_batch_norm_2d to fine-tune '
-                f'with frozen statistics).')
+        check_an_input(x, self.num_features, self.attn.bn.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._attentive_norm(x)
 
     def _attentive_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._symbolic(x):
+            return self._traced(x)
         self._check_input(x)
         # TorchScript (script and trace) records the reference ops: a custom autograd Function cannot be scripted,
         # and a traced one fails trace checking with autograd on
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and self.impl == 'fast' \
-                and self._fast_supported():
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and self._use_fast():
             return self._fast(x)
         return self._reference(x)
 
     @torch.jit.unused
+    def _symbolic(self, x: torch.Tensor) -> bool:
+        return isinstance(x, torch.fx.Proxy)
+
+    @torch.jit.unused
     def _fast_supported(self) -> bool:
-        # batch statistics need a plain BatchNorm2d (a SyncBatchNorm must all-reduce them: reference path);
+        # batch statistics need plain BatchNorm2d (a SyncBatchNorm must all-reduce them: reference path);
         # running statistics (eval, frozen) can come from any BatchNorm-like module
-        return type(self.norm) is nn.BatchNorm2d or not self.norm.training
+        return fast_path_supported(self.norm, self.attn.bn)
+
+    @torch.jit.unused
+    def _use_fast(self) -> bool:
+        """The fast path, unless it would break the module contract: it reads the children's tensors without calling
+        them, so hooks on them (or global ones) would never fire; torch.func transforms need the reference code."""
+        if self.impl != 'fast':
+            return False
+        # (the children through _modules: nn.Module.__getattr__ costs, and this runs for every layer call)
+        norm, attn = self._modules['norm'], self._modules['attn']
+        conv, bn = attn._modules['conv'], attn._modules['bn']
+        if not fast_path_supported(norm, bn):
+            return False
+        if _hooked(norm) or _hooked(attn) or _hooked(conv) or _hooked(bn) or _global_hooks():
+            return False
+        return torch.compiler.is_compiling() or not _functorch_active()
 
     @torch.jit.unused
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_attentive_norm(self, x)
+        return fast_attentive_norm(x, self.norm, self.attn.bn, self.attn.conv.weight, self.mixture_weight,
+                                   self.mixture_bias, self.attn.eps, self.__dict__.get('_fold_cache'))
+
+    @torch.jit.unused
+    def _traced(self, x: torch.Tensor) -> torch.Tensor:
+        norm, bn = self.norm, self.attn.bn
+        return attentive_batch_norm(
+            x, norm.running_mean, norm.running_var, norm.num_batches_tracked, self.attn.conv.weight, bn.weight,
+            bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, self.mixture_weight,
+            self.mixture_bias, norm.training, bn.training, norm.momentum, bn.momentum, norm.eps, self.attn.eps,
+            bn.eps)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = self.norm(x)
-        lam = self.attn(x).to(self.mixture_weight.dtype)
-        gamma = lam @ self.mixture_weight  # (N, C)
-        beta = lam @ self.mixture_bias
-        out = x_hat * gamma[:, :, None, None] + beta[:, :, None, None]
-        return out.to(x.dtype)
+        return self.mix(self.norm(x), self.attn(x), x.dtype)
 
 
 @register_notrace_module

@@ -1,12 +1,13 @@
-"""Fast Attentive Normalization: the whole layer as one autograd node, no full-size temporaries, BN-sized saves.
+"""Fast Attentive Normalization: the AN forward as functions of tensors, one autograd node, no full-size
+temporaries, BN-sized saves. The layer (:mod:`an_zoo.layers.attentive_norm`) decides when this path is used.
 
 The reference layer runs BatchNorm (a pass over x, and it saves x), computes the attention statistic (another pass)
 and then ``xhat * gamma + beta`` (two more passes, and autograd saves ``xhat``, a second full-size tensor); in eager
 mode it also records about fifteen autograd nodes per layer, whose bookkeeping dominates on small feature maps. Here:
 
-* :func:`instance_moments` gives the per-(sample, channel) mean and biased variance (float32, also under autocast)
-  from one plain sum and one sum of shifted squares. The batch statistics follow exactly from them (law of total
-  variance), and so does the attention input.
+* :func:`~an_zoo.layers.statistics.instance_moments` gives the per-(sample, channel) mean and biased variance
+  (float32, also under autocast) from sums of shifted values. The batch statistics follow exactly from them (law of
+  total variance), and so does the attention input.
 * The rest of the forward is (N, C) / (N, K) arithmetic, folded into one scale ``a`` and shift ``b`` per (sample,
   channel): ``out = x * a + b``, written in one pass.
 * :class:`AttentiveNormFunction` is that whole forward as a single ``torch.autograd.Function`` with an analytic
@@ -31,60 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['AttentiveNormFunction', 'instance_moments', 'fast_attentive_norm', 'stats_input']
+from .statistics import instance_moments, stats_input, update_running_stats, uses_batch_stats
 
-
-_SINGLE_PASS_BYTES = 16 << 20  # float32 copies of float16 / bfloat16 input: up to this size at once, else chunks
-_SCRATCH_BYTES = 4 << 20
-
-
-def stats_input(x: torch.Tensor) -> torch.Tensor:
-    """x in the dtype AN statistics are computed in: float32 for float16 / bfloat16 (autocast), else unchanged
-    (float64 stays float64, e.g. for gradcheck). Shared by the reference and the fast implementation."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _shifted_sums(x: torch.Tensor, scratch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sum(x)``, ``sum((x - k)^2)`` over H*W and the shift ``k`` = first position, per (sample, channel).
-
-    ``scratch`` (x's shape, dtype and layout) receives the squares: a reduction over H, W of a channels_last tensor is
-    cheap (vectorised along C), but the squares need one full-size write, which mse_loss does in a single kernel.
-    """
-    sums = x.sum(dim=(2, 3))
-    shift = x[:, :, :1, :1]
-    if scratch is x:
-        shift = shift.clone()
-    torch.ops.aten.mse_loss.out(x, shift, 0, out=scratch)  # reduction 0: none; the shift broadcasts over H, W
-    return sums, scratch.sum(dim=(2, 3)), shift.flatten(1)
-
-
-def instance_moments(x: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, biased var)`` over H*W per (sample, channel), float32 (float64 for float64 input), no autograd.
-
-    ``var = sum((x - k)^2) / M - (mean - k)^2`` with ``k`` the first position of each (sample, channel): the shift
-    avoids the cancellation of the plain ``E[x^2] - E[x]^2`` when |mean| >> std. Plain sums are several times faster
-    on CPU than torch.var_mean's Welford loop over the H, W dims of (especially channels_last) tensors.
-
-    ``scratch``: an optional float32 / float64 tensor like x to write the squares into. The layer passes the buffer its
-    output goes to next, so that no extra full-size tensor is allocated.
-    """
-    spatial = x.shape[2] * x.shape[3]
-    if x.dtype in (torch.float32, torch.float64):
-        s1, s2, shift = _shifted_sums(x, torch.empty_like(x) if scratch is None else scratch)
-    else:  # float32 statistics of a half-precision input: converted in chunks of samples (a small scratch copy)
-        chunk = x.shape[0]
-        per_sample = x[0].numel() * 4
-        if per_sample * chunk > _SINGLE_PASS_BYTES:
-            chunk = max(1, _SCRATCH_BYTES // per_sample)
-        parts = []
-        for part in x.split(chunk):
-            part = part.float()
-            parts.append(_shifted_sums(part, part))  # the squares overwrite the copy
-        s1, s2, shift = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
-    mean = s1 * (1.0 / spatial)
-    offset = mean - shift
-    var = torch.addcmul(s2 * (1.0 / spatial), offset, offset, value=-1).clamp_(min=0)
-    return mean, var
+__all__ = ['AttentiveNormFunction', 'FoldCache', 'instance_moments', 'fast_attentive_norm', 'fast_path_supported', 'stats_input']
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -190,31 +140,78 @@ def _gradient_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scra
     return d_sum, d_product.addcmul_(d_sum, mean, value=-1)
 
 
+class FoldCache:
+    """The eval-mode folded matrices of one layer (:func:`_fold`), kept between calls.
+
+    Keyed on the compute dtype, the two epsilons and, for every parameter and buffer they come from, its storage
+    address, dtype and version counter: an in-place edit (``with torch.no_grad(): p.mul_(2)``, ``load_state_dict``,
+    ``copy_``), a new Parameter or a ``.to()`` / ``.half()`` changes the key, so a stale value is never served.
+    It holds aliases of those tensors so that no address is reused while it is cached. (Writes through ``p.data``
+    bypass the version counter, as they bypass autograd's checks; call :meth:`clear` after them.)
+    """
+    __slots__ = ('key', 'value', 'sources')
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.key, self.value, self.sources = None, None, ()
+
+    def get(self, tensors: Tuple[torch.Tensor, ...], eps: float, attn_bn_eps: float, dt: torch.dtype
+            ) -> Tuple[torch.Tensor, ...]:
+        if torch.compiler.is_compiling() or tensors[0].device.type == 'meta':
+            return _fold(*tensors, eps, attn_bn_eps, dt)
+        try:
+            key = (dt, eps, attn_bn_eps, *[(t.data_ptr(), t.dtype, t._version) for t in tensors])
+        except (RuntimeError, NotImplementedError):  # no storage or version counter (inference / fake tensors)
+            return _fold(*tensors, eps, attn_bn_eps, dt)
+        if key != self.key:
+            self.value = _fold(*tensors, eps, attn_bn_eps, dt)
+            self.key, self.sources = key, tuple(t.detach() for t in tensors)
+        return self.value
+
+
+def _fold(conv_weight: torch.Tensor, attn_weight: torch.Tensor, attn_bias: torch.Tensor,
+          mixture_weight: torch.Tensor, mixture_bias: torch.Tensor, norm_mean: torch.Tensor, norm_var: torch.Tensor,
+          attn_mean: torch.Tensor, attn_var: torch.Tensor, eps: float, attn_bn_eps: float, dt: torch.dtype
+          ) -> Tuple[torch.Tensor, ...]:
+    """``(mixture (K, 2C), attention shift (K), attention conv (K, C), channel mean (C))`` of :func:`_inference`:
+    everything that depends on the parameters and running statistics only."""
+    weight = _cast(mixture_weight, dt)
+    rstd = torch.rsqrt(_cast(norm_var, dt) + eps)
+    norm_mean = _cast(norm_mean, dt)
+    mixture = torch.cat([weight * rstd, torch.addcmul(_cast(mixture_bias, dt), weight, norm_mean * rstd,
+                                                      value=-1)], dim=1)  # (K, 2C)
+    attn_scale = torch.rsqrt(_cast(attn_var, dt) + attn_bn_eps).mul_(_cast(attn_weight, dt))
+    attn_shift = torch.addcmul(_cast(attn_bias, dt), _cast(attn_mean, dt), attn_scale, value=-1)
+    conv = _cast(conv_weight, dt).view(conv_weight.shape[0], -1) * attn_scale[:, None]  # (K, C)
+    return mixture, attn_shift, conv, norm_mean
+
+
 def _inference(
         x: torch.Tensor, conv_weight: torch.Tensor, attn_weight: torch.Tensor, attn_bias: torch.Tensor,
         mixture_weight: torch.Tensor, mixture_bias: torch.Tensor, norm_mean: torch.Tensor, norm_var: torch.Tensor,
         attn_mean: torch.Tensor, attn_var: torch.Tensor, eps: float, attn_eps: float, attn_bn_eps: float,
+        cache: Optional[FoldCache] = None,
 ) -> torch.Tensor:
     """:func:`_forward` without autograd and with running statistics for both BatchNorms (inference), in the fewest
     ops: BatchNorm_K folds into the 1x1 conv (``u = s Wc'^T + t``), the standardization into the mixture
-    (``[a | b] = lam [W r | B - W m r]``), so the (N, C) / (N, K) work is a handful of small matrix products."""
+    (``[a | b] = lam [W r | B - W m r]``), so the (N, C) / (N, K) work is a handful of small matrix products. The
+    folded matrices come from ``cache`` when their sources are unchanged."""
     n, c, h, w = x.shape
     spatial = h * w
     dt = _compute_dtype(x, mixture_weight)
-    weight = _cast(mixture_weight, dt)
-    rstd = torch.rsqrt(_cast(norm_var, dt) + eps)
-    mixture = torch.cat([weight * rstd, torch.addcmul(_cast(mixture_bias, dt), weight, _cast(norm_mean, dt) * rstd,
-                                                      value=-1)], dim=1)  # (K, 2C)
-    attn_scale = torch.rsqrt(_cast(attn_var, dt) + attn_bn_eps).mul_(_cast(attn_weight, dt))
-    attn_shift = torch.addcmul(_cast(attn_bias, dt), _cast(attn_mean, dt), attn_scale, value=-1)
-    conv = _cast(conv_weight, dt).view(conv_weight.shape[0], c) * attn_scale[:, None]  # (K, C)
+    sources = (conv_weight, attn_weight, attn_bias, mixture_weight, mixture_bias, norm_mean, norm_var, attn_mean,
+               attn_var)
+    mixture, attn_shift, conv, mean = (cache.get(sources, eps, attn_bn_eps, dt) if cache is not None
+                                       else _fold(*sources, eps, attn_bn_eps, dt))
     out = torch.empty_like(x)
     mu, var_nc = instance_moments(x, out if x.dtype in (torch.float32, torch.float64) else None)
     unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
     s = torch.rsqrt(_cast(var_nc, dt).mul_(unbias).add_(attn_eps)).mul_(_cast(mu, dt))
     lam = F.hardsigmoid(torch.addmm(attn_shift, s, conv.t()), inplace=True)
     scale, shift = (lam @ mixture).view(n, 2, c, 1, 1).unbind(1)
-    return _channel_affine(x, scale.view(n, c), shift.view(n, c), _cast(norm_mean, dt), out)
+    return _channel_affine(x, scale.view(n, c), shift.view(n, c), mean, out)
 
 
 class AttentiveNormFunction(torch.autograd.Function):
@@ -308,50 +305,40 @@ class AttentiveNormFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-def _running_stats_factor(bn: nn.Module) -> float:
-    """Count one more training batch and return the running-statistics update factor, as ``nn.BatchNorm2d`` does
-    (``momentum``, or the cumulative average ``1 / num_batches_tracked`` when momentum is None)."""
-    bn.num_batches_tracked.add_(1)
-    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+def fast_path_supported(norm: nn.Module, attn_bn: nn.Module) -> bool:
+    """Whether :func:`fast_attentive_norm` can stand in for these two BatchNorms: batch statistics need a plain
+    ``nn.BatchNorm2d`` (a SyncBatchNorm must all-reduce them), running statistics (eval, frozen) can come from any
+    BatchNorm-like module; the attention's BatchNorm must be affine."""
+    return ((type(norm) is nn.BatchNorm2d or not uses_batch_stats(norm))
+            and (type(attn_bn) is nn.BatchNorm2d or not uses_batch_stats(attn_bn))
+            and attn_bn.weight is not None)
 
 
-def _uses_batch_stats(bn: nn.Module) -> bool:
-    return bn.training or bn.running_mean is None
+def fast_attentive_norm(x: torch.Tensor, norm: nn.Module, attn_bn: nn.Module, conv_weight: torch.Tensor,
+                        mixture_weight: torch.Tensor, mixture_bias: torch.Tensor, attn_eps: float,
+                        cache: Optional[FoldCache] = None) -> torch.Tensor:
+    """The AN forward computed the fast way, with the running-statistics updates of ``norm`` (the standardization)
+    and ``attn_bn`` (BatchNorm_K) that their own forwards would make.
 
-
-def _update_running_stats(bn: nn.Module, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            factor = _running_stats_factor(bn)
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-            bn.running_var.lerp_(var_unbiased.to(bn.running_var.dtype), factor)
-
-
-def fast_attentive_norm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The forward of an :class:`~an_zoo.layers.AttentiveBatchNorm2d` ``layer``, computed the fast way.
-
-    Requires ``layer.norm`` to be a plain ``nn.BatchNorm2d`` in training mode, or any BatchNorm-like module with
-    running statistics in eval mode (frozen, SyncBatchNorm in eval); the layer checks that before calling. An
-    attention BatchNorm that is not a plain ``nn.BatchNorm2d`` but needs batch statistics (SyncBatchNorm), or one
-    without affine parameters, runs the reference code.
+    ``conv_weight`` is the attention's 1x1 conv weight (K, C, 1, 1), ``mixture_weight`` / ``mixture_bias`` the K affine
+    transforms (K, C), ``attn_eps`` the epsilon of the attention statistic; ``cache`` keeps the eval-mode folded
+    matrices between calls (:class:`FoldCache`). The caller checks
+    :func:`fast_path_supported` first (the layer runs its reference code otherwise).
     """
-    norm, attn_bn = layer.norm, layer.attn.bn
-    norm_batch, attn_batch = _uses_batch_stats(norm), _uses_batch_stats(attn_bn)
-    if (attn_batch and type(attn_bn) is not nn.BatchNorm2d) or attn_bn.weight is None:
-        return layer._reference(x)
-    args = (x, layer.attn.conv.weight, attn_bn.weight, attn_bn.bias, layer.mixture_weight, layer.mixture_bias,
+    norm_batch, attn_batch = uses_batch_stats(norm), uses_batch_stats(attn_bn)
+    args = (x, conv_weight, attn_bn.weight, attn_bn.bias, mixture_weight, mixture_bias,
             None if norm_batch else norm.running_mean, None if norm_batch else norm.running_var,
             None if attn_batch else attn_bn.running_mean, None if attn_batch else attn_bn.running_var,
-            norm.eps, layer.attn.eps, attn_bn.eps)
+            norm.eps, attn_eps, attn_bn.eps)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:6]):
         out, mean, var, z_mean, z_var = AttentiveNormFunction.apply(*args)
     else:  # no autograd: the same forward without the Function's bookkeeping
         with _no_autocast(x.device.type):
             if not (norm_batch or attn_batch):
-                return _inference(*args)
+                return _inference(*args, cache=cache)
             out, (mean, var, z_mean, z_var), _ = _forward(*args)
     if norm_batch:
-        _update_running_stats(norm, mean, var)
+        update_running_stats(norm, mean, var)
     if attn_batch:
-        _update_running_stats(attn_bn, z_mean, z_var)
+        update_running_stats(attn_bn, z_mean, z_var)
     return out

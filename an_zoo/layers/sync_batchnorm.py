@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.layers import BatchNormAct2d
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
-from .fast_attentive_norm import stats_input
+from .statistics import stats_input, update_running_stats
 
 __all__ = ['SyncBatchNorm', 'SyncBatchNormAct', 'convert_sync_batchnorm']
 
@@ -42,14 +42,8 @@ def _global_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     mean = sums[:channels] / count
     centred = xf - mean[None, :, None, None]
     var = all_reduce((centred * centred).sum(dim=(0, 2, 3)), group=group) / count  # biased, for normalizing
-    if bn.track_running_stats:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            total = float(count)
-            unbiased = var * (total / max(total - 1.0, 1.0))
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+    total = float(count)
+    update_running_stats(bn, mean.detach(), var.detach() * (total / max(total - 1.0, 1.0)))
     out = centred * torch.rsqrt(var + bn.eps)[None, :, None, None]
     if bn.affine:
         out = out * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
