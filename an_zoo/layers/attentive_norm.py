@@ -41,7 +41,7 @@ import torch.fx
 import torch.nn as nn
 from timm.layers import create_act_layer, register_notrace_module
 
-from .fast_attentive_norm import FoldCache, fast_attentive_norm, fast_path_supported
+from .fast_attentive_norm import fast_attentive_norm, fast_path_supported
 from .functional import attentive_batch_norm, check_an_input
 from .mixture import ATTENTION_EPS, MixtureAttention, MixtureNorm, instance_attention_stats
 
@@ -127,17 +127,10 @@ class AttentiveBatchNorm2d(MixtureNorm):
         self.attn = MixtureAttention(num_features, num_mixtures, eps=attn_eps, **dd)
         self._create_mixture(**dd)
         self.frozen = False
-        self._fold_cache = FoldCache()  # eval-mode folded matrices of the fast path (not state)
 
     @property
     def eps(self) -> float:
         return self.norm.eps
-
-    def _apply(self, fn, *args, **kwargs):
-        cache = self.__dict__.get('_fold_cache')
-        if cache is not None:  # (.to(), .half(), ...: let go of the old tensors now)
-            cache.clear()
-        return super()._apply(fn, *args, **kwargs)
 
     @property
     def momentum(self) -> Optional[float]:
@@ -208,7 +201,7 @@ class AttentiveBatchNorm2d(MixtureNorm):
     @torch.jit.unused
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
         return fast_attentive_norm(x, self.norm, self.attn.bn, self.attn.conv.weight, self.mixture_weight,
-                                   self.mixture_bias, self.attn.eps, self.__dict__.get('_fold_cache'))
+                                   self.mixture_bias, self.attn.eps)
 
     @torch.jit.unused
     def _traced(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .statistics import instance_moments, stats_input, update_running_stats, uses_batch_stats
 
-__all__ = ['AttentiveNormFunction', 'FoldCache', 'instance_moments', 'fast_attentive_norm', 'fast_path_supported', 'stats_input']
+__all__ = ['AttentiveNormFunction', 'instance_moments', 'fast_attentive_norm', 'fast_path_supported', 'stats_input']
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -140,78 +140,31 @@ def _gradient_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scra
     return d_sum, d_product.addcmul_(d_sum, mean, value=-1)
 
 
-class FoldCache:
-    """The eval-mode folded matrices of one layer (:func:`_fold`), kept between calls.
-
-    Keyed on the compute dtype, the two epsilons and, for every parameter and buffer they come from, its storage
-    address, dtype and version counter: an in-place edit (``with torch.no_grad(): p.mul_(2)``, ``load_state_dict``,
-    ``copy_``), a new Parameter or a ``.to()`` / ``.half()`` changes the key, so a stale value is never served.
-    It holds aliases of those tensors so that no address is reused while it is cached. (Writes through ``p.data``
-    bypass the version counter, as they bypass autograd's checks; call :meth:`clear` after them.)
-    """
-    __slots__ = ('key', 'value', 'sources')
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.key, self.value, self.sources = None, None, ()
-
-    def get(self, tensors: Tuple[torch.Tensor, ...], eps: float, attn_bn_eps: float, dt: torch.dtype
-            ) -> Tuple[torch.Tensor, ...]:
-        if torch.compiler.is_compiling() or tensors[0].device.type == 'meta':
-            return _fold(*tensors, eps, attn_bn_eps, dt)
-        try:
-            key = (dt, eps, attn_bn_eps, *[(t.data_ptr(), t.dtype, t._version) for t in tensors])
-        except (RuntimeError, NotImplementedError):  # no storage or version counter (inference / fake tensors)
-            return _fold(*tensors, eps, attn_bn_eps, dt)
-        if key != self.key:
-            self.value = _fold(*tensors, eps, attn_bn_eps, dt)
-            self.key, self.sources = key, tuple(t.detach() for t in tensors)
-        return self.value
-
-
-def _fold(conv_weight: torch.Tensor, attn_weight: torch.Tensor, attn_bias: torch.Tensor,
-          mixture_weight: torch.Tensor, mixture_bias: torch.Tensor, norm_mean: torch.Tensor, norm_var: torch.Tensor,
-          attn_mean: torch.Tensor, attn_var: torch.Tensor, eps: float, attn_bn_eps: float, dt: torch.dtype
-          ) -> Tuple[torch.Tensor, ...]:
-    """``(mixture (K, 2C), attention shift (K), attention conv (K, C), channel mean (C))`` of :func:`_inference`:
-    everything that depends on the parameters and running statistics only."""
-    weight = _cast(mixture_weight, dt)
-    rstd = torch.rsqrt(_cast(norm_var, dt) + eps)
-    norm_mean = _cast(norm_mean, dt)
-    mixture = torch.cat([weight * rstd, torch.addcmul(_cast(mixture_bias, dt), weight, norm_mean * rstd,
-                                                      value=-1)], dim=1)  # (K, 2C)
-    attn_scale = torch.rsqrt(_cast(attn_var, dt) + attn_bn_eps).mul_(_cast(attn_weight, dt))
-    attn_shift = torch.addcmul(_cast(attn_bias, dt), _cast(attn_mean, dt), attn_scale, value=-1)
-    conv = _cast(conv_weight, dt).view(conv_weight.shape[0], -1) * attn_scale[:, None]  # (K, C)
-    return mixture, attn_shift, conv, norm_mean
-
-
 def _inference(
         x: torch.Tensor, conv_weight: torch.Tensor, attn_weight: torch.Tensor, attn_bias: torch.Tensor,
         mixture_weight: torch.Tensor, mixture_bias: torch.Tensor, norm_mean: torch.Tensor, norm_var: torch.Tensor,
         attn_mean: torch.Tensor, attn_var: torch.Tensor, eps: float, attn_eps: float, attn_bn_eps: float,
-        cache: Optional[FoldCache] = None,
 ) -> torch.Tensor:
     """:func:`_forward` without autograd and with running statistics for both BatchNorms (inference), in the fewest
     ops: BatchNorm_K folds into the 1x1 conv (``u = s Wc'^T + t``), the standardization into the mixture
-    (``[a | b] = lam [W r | B - W m r]``), so the (N, C) / (N, K) work is a handful of small matrix products. The
-    folded matrices come from ``cache`` when their sources are unchanged."""
+    (``[a | b] = lam [W r | B - W m r]``), so the (N, C) / (N, K) work is a handful of small matrix products."""
     n, c, h, w = x.shape
     spatial = h * w
     dt = _compute_dtype(x, mixture_weight)
-    sources = (conv_weight, attn_weight, attn_bias, mixture_weight, mixture_bias, norm_mean, norm_var, attn_mean,
-               attn_var)
-    mixture, attn_shift, conv, mean = (cache.get(sources, eps, attn_bn_eps, dt) if cache is not None
-                                       else _fold(*sources, eps, attn_bn_eps, dt))
+    weight = _cast(mixture_weight, dt)
+    rstd = torch.rsqrt(_cast(norm_var, dt) + eps)
+    mixture = torch.cat([weight * rstd, torch.addcmul(_cast(mixture_bias, dt), weight, _cast(norm_mean, dt) * rstd,
+                                                      value=-1)], dim=1)  # (K, 2C)
+    attn_scale = torch.rsqrt(_cast(attn_var, dt) + attn_bn_eps).mul_(_cast(attn_weight, dt))
+    attn_shift = torch.addcmul(_cast(attn_bias, dt), _cast(attn_mean, dt), attn_scale, value=-1)
+    conv = _cast(conv_weight, dt).view(conv_weight.shape[0], c) * attn_scale[:, None]  # (K, C)
     out = torch.empty_like(x)
     mu, var_nc = instance_moments(x, out if x.dtype in (torch.float32, torch.float64) else None)
     unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
     s = torch.rsqrt(_cast(var_nc, dt).mul_(unbias).add_(attn_eps)).mul_(_cast(mu, dt))
     lam = F.hardsigmoid(torch.addmm(attn_shift, s, conv.t()), inplace=True)
     scale, shift = (lam @ mixture).view(n, 2, c, 1, 1).unbind(1)
-    return _channel_affine(x, scale.view(n, c), shift.view(n, c), mean, out)
+    return _channel_affine(x, scale.view(n, c), shift.view(n, c), _cast(norm_mean, dt), out)
 
 
 class AttentiveNormFunction(torch.autograd.Function):
@@ -315,14 +268,12 @@ def fast_path_supported(norm: nn.Module, attn_bn: nn.Module) -> bool:
 
 
 def fast_attentive_norm(x: torch.Tensor, norm: nn.Module, attn_bn: nn.Module, conv_weight: torch.Tensor,
-                        mixture_weight: torch.Tensor, mixture_bias: torch.Tensor, attn_eps: float,
-                        cache: Optional[FoldCache] = None) -> torch.Tensor:
+                        mixture_weight: torch.Tensor, mixture_bias: torch.Tensor, attn_eps: float) -> torch.Tensor:
     """The AN forward computed the fast way, with the running-statistics updates of ``norm`` (the standardization)
     and ``attn_bn`` (BatchNorm_K) that their own forwards would make.
 
     ``conv_weight`` is the attention's 1x1 conv weight (K, C, 1, 1), ``mixture_weight`` / ``mixture_bias`` the K affine
-    transforms (K, C), ``attn_eps`` the epsilon of the attention statistic; ``cache`` keeps the eval-mode folded
-    matrices between calls (:class:`FoldCache`). The caller checks
+    transforms (K, C), ``attn_eps`` the epsilon of the attention statistic. The caller checks
     :func:`fast_path_supported` first (the layer runs its reference code otherwise).
     """
     norm_batch, attn_batch = uses_batch_stats(norm), uses_batch_stats(attn_bn)
@@ -335,7 +286,7 @@ def fast_attentive_norm(x: torch.Tensor, norm: nn.Module, attn_bn: nn.Module, co
     else:  # no autograd: the same forward without the Function's bookkeeping
         with _no_autocast(x.device.type):
             if not (norm_batch or attn_batch):
-                return _inference(*args, cache=cache)
+                return _inference(*args)
             out, (mean, var, z_mean, z_var), _ = _forward(*args)
     if norm_batch:
         update_running_stats(norm, mean, var)
