@@ -3,9 +3,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import timm
+import torch
+
+from an_zoo import AttentiveBatchNorm2d
 from an_zoo._export_prep import calibrate_running_stats as calibrated  # noqa: F401  (the library's own)
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS = timm.list_models('an_*')
+# reduced depths that keep every kind of block (and each norm placement) for the slow whole-model transforms
+COMPILE_DEPTH = {
+    'an_aognet_12m': dict(blocks=(1, 1, 1, 1)),
+    'an_aognet_40m': dict(blocks=(1, 1, 1, 1)),
+    'an_densenet121': dict(block_config=(2, 2, 2, 2)),
+    # every ResNet / ResNeXt: one block per stage keeps the stage's first block (with its shortcut) and each norm
+    **{name: dict(layers=(1, 1, 1, 1)) for name in MODELS if name.startswith(('an_resnet', 'an_resnext'))},
+}
 
 
 def run_python(args, env, check=True, timeout=600) -> subprocess.CompletedProcess:
@@ -39,3 +52,41 @@ if __name__ == '__main__':
         port = s.getsockname()[1]
     mp.spawn(worker, args=(port,), nprocs=2)
 '''
+
+
+def spec_forward(layer: AttentiveBatchNorm2d, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """The specification written out in float64, independent of the layer's code."""
+    x = x.double()
+    if training:
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = layer.norm.running_mean.double(), layer.norm.running_var.double()
+    x_hat = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + 1e-5)
+    hw = x.shape[2] * x.shape[3]
+    s_mean = x.mean(dim=(2, 3))
+    s_var = x.var(dim=(2, 3), unbiased=True) if hw > 1 else torch.zeros_like(s_mean)
+    s = s_mean / torch.sqrt(s_var + 1e-3)                                       # (N, C)
+    z = s @ layer.attn.conv.weight.double()[:, :, 0, 0].t()                    # (N, K)
+    bn = layer.attn.bn
+    if training:
+        z_mean, z_var = z.mean(0), z.var(0, unbiased=False)
+    else:
+        z_mean, z_var = bn.running_mean.double(), bn.running_var.double()
+    z = (z - z_mean) / torch.sqrt(z_var + bn.eps) * bn.weight.double() + bn.bias.double()
+    lam = torch.clamp(z + 3, 0, 6) / 6
+    gamma = lam @ layer.mixture_weight.double()
+    beta = lam @ layer.mixture_bias.double()
+    return gamma[:, :, None, None] * x_hat + beta[:, :, None, None]
+
+
+def layer_with_statistics(c=16, k=5, **kwargs):
+    """An AN layer with non-trivial running statistics and attention affine."""
+    layer = AttentiveBatchNorm2d(c, num_mixtures=k, **kwargs)
+    with torch.no_grad():  # non-trivial statistics and attention BN affine
+        layer.norm.running_mean.uniform_(-0.5, 0.5)
+        layer.norm.running_var.uniform_(0.5, 2.0)
+        layer.attn.bn.weight.uniform_(0.5, 1.5)
+        layer.attn.bn.bias.uniform_(-0.5, 0.5)
+        layer.attn.bn.running_var.uniform_(0.5, 2.0)
+    return layer

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from an_zoo import AttentiveBatchNorm2d, CheckpointError
+from an_zoo import AttentiveBatchNorm2d, CheckpointError, set_an_impl
 from an_zoo.models._aog_grammar import build_aog
 from an_zoo.models.aognet import block_channels, bottleneck_width, checkpoint_filter_fn
 from helpers import calibrated
@@ -287,15 +287,12 @@ def _assert_golden(actual, expected, tol):
 def _check_golden(model, expected, case, impls=('fast',)):
     tol = case['tolerance']['rtol']
     assert sum(p.numel() for p in model.parameters()) == case['param_count']
-    ans = [m for m in model.modules() if isinstance(m, AttentiveBatchNorm2d)]
     model.eval()
     with torch.no_grad():
         for impl in impls:
-            for m in ans:
-                m.impl = impl
+            set_an_impl(model, impl)
             _assert_golden(model(expected['input_eval'].float()), expected['logits_eval'], tol)
-        for m in ans:
-            m.impl = 'fast'
+        set_an_impl(model, 'fast')
         model.train()  # batch statistics; updates the running ones, so last
         _assert_golden(model(expected['input_train'].float()), expected['logits_train'], tol)
 

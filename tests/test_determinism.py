@@ -21,7 +21,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from an_zoo import AttentiveBatchNorm2d
+from an_zoo import set_an_impl
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ['an_resnet18_bn12', 'an_mobilenetv2_050']
@@ -36,10 +36,7 @@ def train_two_steps(name: str, impl: str, device: str = 'cpu', seed: int = 0):
     torch.manual_seed(seed)
     # stochastic depth and dropout: the random streams must be reproduced too
     model = timm.create_model(name, num_classes=10, drop_rate=0.2, drop_path_rate=0.1)
-    for module in model.modules():
-        if isinstance(module, AttentiveBatchNorm2d):
-            module.impl = impl
-    model = model.to(device).train()
+    model = set_an_impl(model, impl).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     data = torch.Generator().manual_seed(seed + 1)
     losses = []

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from helpers import calibrated
-from test_layer import layer_with_statistics
-from test_models import COMPILE_DEPTH, MODELS
+from helpers import layer_with_statistics
+from helpers import COMPILE_DEPTH, MODELS
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

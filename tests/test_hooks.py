@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.nn.utils import prune
 
 from an_zoo import AttentiveBatchNorm2d
-from test_layer import layer_with_statistics
+from helpers import layer_with_statistics
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -61,7 +61,7 @@ def test_global_hook_and_backward_hook():
 
 
 def test_torchinfo_counts_an_compute():
-    torchinfo = pytest.importorskip('torchinfo')
+    import torchinfo  # test extra: its absence is a failure
     counts = {}
     for impl in ('fast', 'reference'):
         model = timm.create_model('an_resnet18_bn12').eval()

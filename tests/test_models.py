@@ -7,10 +7,9 @@ from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 
 from an_zoo import AttentiveBatchNorm2d
-from helpers import calibrated
+from helpers import COMPILE_DEPTH, MODELS, calibrated
 from an_zoo._manifest import load_manifest
 
-MODELS = timm.list_models('an_*')
 IMG = 64
 # Reference counts (the official releases) where published; the others pin what this code builds.
 PARAM_COUNTS = {
@@ -39,13 +38,6 @@ PARAM_COUNTS = {
     'an_mobilenetv2_140': 6_323_296,
     'an_mobilenetv3_large_100': 4_104_480,
     'an_mobilenetv3_small_100': 2_138_864,
-}
-COMPILE_DEPTH = {
-    'an_aognet_12m': dict(blocks=(1, 1, 1, 1)),
-    'an_aognet_40m': dict(blocks=(1, 1, 1, 1)),
-    'an_densenet121': dict(block_config=(2, 2, 2, 2)),
-    # every ResNet / ResNeXt: one block per stage keeps the stage's first block (with its shortcut) and each norm
-    **{name: dict(layers=(1, 1, 1, 1)) for name in MODELS if name.startswith(('an_resnet', 'an_resnext'))},
 }
 STANDARD_CFG_FIELDS = ('num_classes', 'input_size', 'pool_size', 'crop_pct', 'interpolation', 'mean', 'std',
                        'first_conv', 'classifier', 'license', 'paper_ids', 'origin_url')

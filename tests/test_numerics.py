@@ -5,29 +5,18 @@ Both implementations (``impl='fast'``, the default, and ``impl='reference'``), t
 (the CUDA cases skip without a GPU). Error measure: relative error ``||y - y32|| / ||y32||`` (Frobenius norm over
 the whole tensor) against the float32 computation.
 
-Stated tolerances (README):
+Tolerances (the measured errors are in docs/numerics.md, not repeated here):
 
-* one AN layer, given the same reduced-precision input as its float32 counterpart (the error AN itself adds),
-  default (fast) implementation: float16 ``1.5e-3``, bfloat16 ``1.2e-2`` -- about three units of roundoff of the
-  output dtype (4.9e-4 / 3.9e-3): the statistics and the (N, C) algebra run in float32, only ``x * a + b`` is
-  written in the low dtype. Reference implementation: float16 ``1e-2``, bfloat16 ``3e-2`` (its attention 1x1 conv
-  and mixture matmuls run in the low dtype, as autocast runs any conv / matmul). Measured on CPU: fast 3.1e-4 /
-  2.4e-3 on random inputs, at most 6.8e-4 / 5.6e-3 inside the models below; reference up to 3.8e-3 / 1.3e-2.
-  This includes inputs whose |mean| is large compared to their standard deviation, and constant channels.
-* logits of a whole network (``an_resnet18_bn12``, 64 px, calibrated running statistics), autocast or
-  ``model.half()`` / ``model.bfloat16()``: float16 ``5e-3``, bfloat16 ``3e-2`` (measured on CPU, both
-  implementations: autocast 1.4e-3 / 1.1e-2, ``.half()`` / ``.bfloat16()`` 1.8e-3 / 1.3e-2).
-  Whole-network errors depend on the network: a randomly initialised MobileNetV2 (without residuals across its
-  stride-2 blocks) amplifies rounding chaotically -- its plain BatchNorm twin ``mobilenetv2_050`` shows about
-  7e-2 (float16) and 3e-1 (bfloat16) on the same inputs, ``an_mobilenetv2_050`` 1.8e-1 / 5.5e-1 -- so there every
-  AN layer is held to the layer tolerance inside the network instead
-  (test_every_an_layer_in_a_model_within_the_layer_tolerance).
+* one AN layer, given the same reduced-precision input as its float32 counterpart (the error AN itself adds):
+  fast path float16 ``1.5e-3``, bfloat16 ``1.2e-2`` (about three units of roundoff of the output dtype: statistics
+  and the (N, C) algebra run in float32, only ``x * a + b`` is written in the low dtype); reference path float16
+  ``1e-2``, bfloat16 ``3e-2`` (its attention conv and mixture matmuls run in the low dtype, as autocast runs them).
+* logits of ``an_resnet18_bn12`` (64 px, calibrated running statistics), autocast or ``.half()`` / ``.bfloat16()``:
+  float16 ``5e-3``, bfloat16 ``3e-2``. A randomly initialised MobileNetV2 amplifies rounding chaotically (its
+  BatchNorm twin too), so there every AN layer is held to the layer tolerance inside the network instead.
 
-Large activations: AN's per-sample and batch statistics are accumulated in float32, so inputs scaled by 1e3
-(sums of squares ~1e8, far above float16's 65504) give finite, accurate outputs and statistics. Running statistics
-are stored in the buffers' dtype: after ``model.half()`` a channel variance above 65504 becomes inf in the float16
-``running_var``, exactly as in ``nn.BatchNorm2d`` (test_large_activations_float16): train with autocast (float32
-buffers), not with ``.half()``, when activations can be that large.
+Large activations: statistics accumulate in float32, so inputs scaled by 1e3 give finite, accurate outputs; after
+``model.half()`` a running variance above 65504 becomes inf in the float16 buffer, exactly as in ``nn.BatchNorm2d``.
 """
 import copy
 
@@ -40,7 +29,8 @@ from an_zoo import AttentiveBatchNorm2d
 from helpers import calibrated
 from an_zoo.layers import instance_attention_stats
 from an_zoo.layers.fast_attentive_norm import instance_moments
-from test_layer import layer_with_statistics, spec_forward
+from an_zoo import set_an_impl
+from helpers import layer_with_statistics, spec_forward
 
 LAYER_TOL = {
     'fast': {torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2},
@@ -79,13 +69,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _layer(impl, device, c=16, k=5, training=True):
     return layer_with_statistics(c, k, impl=impl).to(device).train(training)
-
-
-def _set_impl(model: nn.Module, impl: str) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, AttentiveBatchNorm2d):
-            m.impl = impl
-    return model
 
 
 
@@ -301,7 +284,7 @@ def test_reduced_precision_with_large_mean(impl, training, mode, dtype, device):
 # ----------------------------------------------------------------------------------------------- model level
 def _model(name, impl, device, x, num_classes=1000):
     torch.manual_seed(0)
-    model = _set_impl(timm.create_model(name, num_classes=num_classes), impl).to(device)
+    model = set_an_impl(timm.create_model(name, num_classes=num_classes), impl).to(device)
     return calibrated(model, x)
 
 

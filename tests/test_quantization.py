@@ -16,7 +16,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from an_zoo import AttentiveBatchNorm2d
 from an_zoo.layers.functional import attentive_batch_norm
 from helpers import calibrated
-from test_layer import layer_with_statistics
+from helpers import layer_with_statistics
 
 pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.filterwarnings('ignore')]
 

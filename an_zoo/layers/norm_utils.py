@@ -1,4 +1,5 @@
-"""AN-aware versions of the BatchNorm utilities timm and torch provide (sync-BN, freezing, weight decay)."""
+"""AN-aware versions of the BatchNorm utilities timm and torch provide (sync-BN, freezing, weight decay), and the
+model-wide choice of AN implementation."""
 import fnmatch
 from typing import Callable, Optional, Sequence, Set, Union
 
@@ -7,10 +8,11 @@ from timm.layers import BatchNormAct2d
 from timm.layers import freeze_batch_norm_2d as timm_freeze_batch_norm_2d
 
 from .attentive_group_norm import AttentiveGroupNorm
-from .attentive_norm import AttentiveBatchNorm2d, AttentiveBatchNormAct2d
+from .attentive_norm import IMPLEMENTATIONS, AttentiveBatchNorm2d, AttentiveBatchNormAct2d
 from .sync_batchnorm import convert_sync_batchnorm  # noqa: F401  (re-exported: one import for AN tooling)
 
-__all__ = ['freeze_batch_norm_2d', 'convert_sync_batchnorm', 'attentive_norm_no_weight_decay', 'convert_bn_to_an']
+__all__ = ['freeze_batch_norm_2d', 'convert_sync_batchnorm', 'attentive_norm_no_weight_decay', 'convert_bn_to_an',
+           'set_an_impl']
 
 
 def freeze_batch_norm_2d(module: nn.Module) -> nn.Module:
@@ -91,4 +93,15 @@ def convert_bn_to_an(
         an.train(bn.training)
         parent, _, child = name.rpartition('.')
         setattr(model.get_submodule(parent) if parent else model, child, an)
+    return model
+
+
+def set_an_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Run every AN layer of ``model`` with ``impl`` (``'fast'`` or ``'reference'``; same results, see the layer);
+    ``AN_ZOO_IMPL`` only sets the default of layers created afterwards. Returns ``model``."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f'impl must be one of {IMPLEMENTATIONS}, got {impl!r}')
+    for module in model.modules():
+        if isinstance(module, AttentiveBatchNorm2d):
+            module.impl = impl
     return model
