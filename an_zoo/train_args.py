@@ -12,7 +12,7 @@ __all__ = ['EMBEDDED_DEFAULTS', 'build_parser', 'parse_args', 'load_recipe']
 DESCRIPTION = 'Fine-tune or train an ``an_*`` (or any timm) model: ``python -m an_zoo.train`` / ``scripts/train.py``.'
 
 # The embedded default recipe: digits are 8x8 grey images, so no flips (a flipped 2 is not a 2) and mild crops;
-# measured on 2 CPU cores in the README. Applied only when the dataset is the embedded one.
+# measured on 2 CPU cores in docs/training.md. Applied only when the dataset is the embedded one.
 EMBEDDED_DEFAULTS: Dict[str, Any] = dict(
     model='an_resnet18_bn12', img_size=32, crop_pct=1.0, batch_size=64, epochs=6, opt='sgd', lr=0.1,
     weight_decay=5e-4, sched='cosine', warmup_epochs=1, warmup_lr=0.01, min_lr=1e-4, hflip=0.0,

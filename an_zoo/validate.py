@@ -482,7 +482,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.update_manifest:
             file = Path(manifest_path()).resolve()
             entry = record_measurement(args.update_manifest, measured, file)
-            _logger.info(f'{entry.name}: measured {", ".join(measured)} written to {file}; regenerate the README '
+            _logger.info(f'{entry.name}: measured {", ".join(measured)} written to {file}; regenerate the docs '
                          f'tables with python scripts/model_table.py --write')
     except (ValidationError, ManifestError, CheckpointError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """AN networks against their timm BatchNorm twins, measured in the same run.
 
-    python scripts/benchmark.py                                  # CPU defaults (the README's CPU table)
+    python scripts/benchmark.py                                  # CPU defaults (the CPU table of docs/performance.md)
     python scripts/benchmark.py --compile both --layers --ort --json out.json --markdown out.md   # the full CPU set
     python scripts/benchmark.py --device cuda --precision bf16 --compile both --batch-infer 256 --batch-train 128
     python scripts/benchmark.py --impl reference                 # the reference AN layer instead of the fast one

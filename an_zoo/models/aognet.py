@@ -375,7 +375,7 @@ class AOGNet(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see README)."""
+        """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see docs/models.md)."""
         return attentive_norm_no_weight_decay(self)
 
     def forward_intermediates(

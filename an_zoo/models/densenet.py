@@ -78,7 +78,7 @@ class ANDenseNet(DenseNet):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
     def no_weight_decay(self) -> Set[str]:
-        """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see README)."""
+        """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see docs/models.md)."""
         return attentive_norm_no_weight_decay(self)
 
 

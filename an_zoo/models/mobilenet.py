@@ -71,7 +71,7 @@ class _AttentiveDepthwiseMixin:
         _use_attentive_depthwise_norms(self.blocks, stage_mixtures)
 
     def no_weight_decay(self) -> Set[str]:
-        """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see README)."""
+        """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see docs/models.md)."""
         return attentive_norm_no_weight_decay(self)
 
 

@@ -148,7 +148,7 @@ class ANResNet(ResNet):
                         _use_attentive_norms(block.downsample, (str(len(block.downsample) - 1),), k, **dd)
 
     def no_weight_decay(self) -> Set[str]:
-        """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see README)."""
+        """The (K, C) mixture parameters get no weight decay in timm's optimizer factory (see docs/models.md)."""
         return attentive_norm_no_weight_decay(self)
 
 
