@@ -290,3 +290,11 @@ def test_manifest_values_are_validated_strictly(field, value, expected, tmp_path
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=rf'weights\[0\].*\.{expected}.*got {re.escape(repr(value))}'):
         load_manifest(path)
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.pth.tar', '.safetensors'])
+def test_empty_file_is_named_as_empty(tmp_path, suffix):
+    path = tmp_path / f'weights{suffix}'
+    path.write_bytes(b'')
+    with pytest.raises(CheckpointError, match=r'is empty \(0 bytes\)'):
+        load_checkpoint_file(path)

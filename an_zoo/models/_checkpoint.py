@@ -146,6 +146,9 @@ def load_checkpoint_file(path: Union[str, Path], sha256: Optional[str] = None, s
 def load_checkpoint_bytes(data: bytes, source: str, safetensors: bool = False) -> Dict[str, torch.Tensor]:
     """The state_dict held in ``data``, the bytes of a checkpoint file named ``source`` (see
     :func:`load_checkpoint_file`)."""
+    if not data:
+        raise CheckpointError(f'cannot read checkpoint {source}: the file is empty (0 bytes); an interrupted download '
+                              'or copy leaves such a file: fetch it again')
     if safetensors:
         from safetensors import SafetensorError
         from safetensors.torch import load
