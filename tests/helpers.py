@@ -11,6 +11,18 @@ from an_zoo._export_prep import calibrate_running_stats as calibrated  # noqa: F
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = timm.list_models('an_*')
+# the slow whole-model transforms (TorchScript, torch.compile) run on one model per distinct module graph: the
+# others below differ from it only in width, depth or name (same modules, same code paths); the export matrix
+# (export_status.json, scripts/export_matrix.py) records both transforms for every full model
+SAME_GRAPH_AS = {
+    'an_resnet18': 'an_resnet18_bn1', 'an_resnet34': 'an_resnet18_bn1', 'an_resnet34_bn1': 'an_resnet18_bn1',
+    'an_resnet34_bn12': 'an_resnet18_bn12', 'an_resnet101': 'an_resnet50', 'an_resnet152': 'an_resnet50',
+    'an_resnet101d': 'an_resnet50d', 'an_resnext101_32x8d': 'an_resnext50_32x4d',
+    'an_resnext101_64x4d': 'an_resnext50_32x4d', 'an_mobilenetv2_075': 'an_mobilenetv2_050',
+    'an_mobilenetv2_100': 'an_mobilenetv2_050', 'an_mobilenetv2_140': 'an_mobilenetv2_050',
+    'an_aognet_40m': 'an_aognet_12m',
+}
+GRAPH_MODELS = [name for name in MODELS if name not in SAME_GRAPH_AS]
 # reduced depths that keep every kind of block (and each norm placement) for the slow whole-model transforms
 COMPILE_DEPTH = {
     'an_aognet_12m': dict(blocks=(1, 1, 1, 1)),

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 
 from an_zoo import AttentiveBatchNorm2d
-from helpers import COMPILE_DEPTH, MODELS, calibrated
+from helpers import COMPILE_DEPTH, GRAPH_MODELS, MODELS, SAME_GRAPH_AS, calibrated
 from an_zoo._manifest import load_manifest
 
 IMG = 64
@@ -48,6 +48,7 @@ def _input(batch=2, chans=3, size=IMG):
 
 
 def test_registered():
+    assert set(SAME_GRAPH_AS) | set(SAME_GRAPH_AS.values()) <= set(MODELS)  # the transform tests' selection is real
     assert set(PARAM_COUNTS) <= set(MODELS), 'every model above must be registered by `import an_zoo`'
     # every manifest weight is a timm tag; only published ones count as pretrained
     manifest = load_manifest()
@@ -153,7 +154,7 @@ def test_fx_feature_extraction(name):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', GRAPH_MODELS)
 def test_torchscript(name):
     # TorchScript runs the reference AN code, eager the fast one: compared in float64, so that the check is about
     # the graph, not about float32 rounding amplified by a deep random network
@@ -164,7 +165,7 @@ def test_torchscript(name):
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', GRAPH_MODELS)
 def test_compile_fullgraph(name):
     # dynamo's tracing time grows with the number of layers: the many-layer families are compiled with fewer repeats
     # of the same layer types (every block kind and both norms still in the graph); the export matrix
