@@ -124,8 +124,8 @@ def test_frozen_and_sync_batchnorm_paths():
     # a SyncBatchNorm in training needs cross-process statistics: the fast path steps aside
     _, fast = _pair()
     fast = nn.SyncBatchNorm.convert_sync_batchnorm(fast)
-    assert not fast._fast_supported()
-    assert fast.eval()._fast_supported()
+    assert not fast._use_fast()
+    assert fast.eval()._use_fast()
 
 
 def _function_inputs(n=3, c=4, k=3, hw=(4, 3), norm_batch=True, attn_batch=True, requires_grad=(True,) * 6):

@@ -178,12 +178,6 @@ class AttentiveBatchNorm2d(MixtureNorm):
         return isinstance(x, torch.fx.Proxy)
 
     @torch.jit.unused
-    def _fast_supported(self) -> bool:
-        # batch statistics need plain BatchNorm2d (a SyncBatchNorm must all-reduce them: reference path);
-        # running statistics (eval, frozen) can come from any BatchNorm-like module
-        return fast_path_supported(self.norm, self.attn.bn)
-
-    @torch.jit.unused
     def _use_fast(self) -> bool:
         """The fast path, unless it would break the module contract: it reads the children's tensors without calling
         them, so hooks on them (or global ones) would never fire; torch.func transforms need the reference code."""
@@ -192,6 +186,8 @@ class AttentiveBatchNorm2d(MixtureNorm):
         # (the children through _modules: nn.Module.__getattr__ costs, and this runs for every layer call)
         norm, attn = self._modules['norm'], self._modules['attn']
         conv, bn = attn._modules['conv'], attn._modules['bn']
+        # batch statistics need plain BatchNorm2d (a SyncBatchNorm must all-reduce them: reference path); running
+        # statistics (eval, frozen) can come from any BatchNorm-like module
         if not fast_path_supported(norm, bn):
             return False
         if _hooked(norm) or _hooked(attn) or _hooked(conv) or _hooked(bn) or _global_hooks():

@@ -147,8 +147,8 @@ def load_checkpoint_bytes(data: bytes, source: str, safetensors: bool = False) -
     """The state_dict held in ``data``, the bytes of a checkpoint file named ``source`` (see
     :func:`load_checkpoint_file`)."""
     if not data:
-        raise CheckpointError(f'cannot read checkpoint {source}: the file is empty (0 bytes); an interrupted download '
-                              'or copy leaves such a file: fetch it again')
+        raise CheckpointError(f'cannot read checkpoint {source}: the file is empty (0 bytes), so truncated or corrupt '
+                              '(an interrupted download or copy leaves such a file): download it again')
     if safetensors:
         from safetensors import SafetensorError
         from safetensors.torch import load
