@@ -22,6 +22,9 @@ from hf_server import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHT = 'an_mobilenetv2_100.aog_e150_in1k'
+# one worker runs this module: its local hub with a published weight (three conversion / publish subprocesses) is
+# then set up once, not once per xdist worker (pyproject's addopts select --dist loadgroup)
+pytestmark = pytest.mark.xdist_group('published_local_hub')
 ARCH = 'an_mobilenetv2_100'
 HUB_REPO = f'an-zoo/{WEIGHT}'
 
