@@ -33,8 +33,8 @@ from .hub import (WeightsUnavailableError, WeightsVerificationError, _local_rank
                   hub_settings, sha256_file, verify_file)
 from .licenses import require_license
 
-__all__ = ['OfficialSourceError', 'OfficialFileError', 'fetch_official', 'import_official', 'convert_checkpoint',
-           'official_cache_dir', 'read_lock', 'verify_cached']
+__all__ = ['OfficialSourceError', 'OfficialFileError', 'fetch_official', 'load_official', 'import_official',
+           'convert_checkpoint', 'official_cache_dir', 'read_lock', 'verify_cached']
 
 DRIVE_FILE_URL = 'https://drive.google.com/uc?id={id}'
 DRIVE_FOLDER_URL = 'https://drive.google.com/drive/folders/{id}'
@@ -254,13 +254,15 @@ def _build(entry: WeightEntry, folder: Path, source: Optional[Path]) -> Path:
     return converted
 
 
-def fetch_official(entry: WeightEntry, source: Optional[Union[str, Path]] = None) -> Path:
+def fetch_official(entry: WeightEntry, source: Optional[Union[str, Path]] = None, verify: bool = True) -> Path:
     """Path of ``entry``'s weights converted from the official release, verified against the lock file.
 
     Args:
         entry: A manifest entry with an ``official_source``.
         source: Use this official archive / checkpoint / model folder instead of downloading (an existing conversion
             in the cache is then replaced by one from this file).
+        verify: Hash a cached conversion against the lock here. :func:`load_official` passes False and verifies
+            the bytes it loads instead (one hash, of what is loaded).
 
     Raises:
         LicenseNotAcceptedError: the licence of the official weights is not accepted (the message says how).
@@ -278,14 +280,31 @@ def fetch_official(entry: WeightEntry, source: Optional[Union[str, Path]] = None
         lock = read_lock(entry)
         converted = folder / CONVERTED_NAME
         if source is None and lock is not None and converted.is_file():
-            _check(converted, lock['converted'], entry.name,
-                   f'the converted weights of {entry.name} differ from those recorded in {folder / LOCK_NAME}')
+            if verify:
+                _check(converted, lock['converted'], entry.name, _converted_differs(entry))
             return converted
         if local_only:  # another rank of this node failed or has not converted
             raise WeightsUnavailableError(f'{entry.name}: local rank 0 did not leave a converted file in {folder}')
         return _build(entry, folder, source)
 
     return _local_rank_zero_first(obtain)
+
+
+def _converted_differs(entry: WeightEntry) -> str:
+    return (f'the converted weights of {entry.name} differ from those recorded in '
+            f'{official_cache_dir(entry) / LOCK_NAME}')
+
+
+def load_official(entry: WeightEntry) -> Tuple[Path, Dict[str, torch.Tensor]]:
+    """``(path, state_dict)`` of ``entry``'s converted official weights (:func:`fetch_official`), read once and
+    verified against the lock file on the bytes that are deserialised."""
+    from .models._checkpoint import load_checkpoint_file
+    path = fetch_official(entry, verify=False)
+    expected = (read_lock(entry) or {}).get('converted') or {}
+    try:
+        return path, load_checkpoint_file(path, expected.get('sha256'), expected.get('size'), name=entry.name)
+    except WeightsVerificationError as err:
+        raise WeightsVerificationError(f'{_converted_differs(entry)}: {err}') from err
 
 
 def verify_cached(entry: WeightEntry) -> Optional[str]:

@@ -178,11 +178,10 @@ def _read_pretrained(variant: str, cfg: Dict[str, Any]) -> Optional[Dict[str, An
         return None
     if entry is not None and entry.official_source:
         # not on the Hub yet: the authors' own release, once its licence is accepted (an_zoo.licenses)
-        from ..official import fetch_official, read_lock
-        path = fetch_official(entry)
+        from ..official import load_official
+        path, state_dict = load_official(entry)
         cfg.update(source='official', file=str(path))  # recorded on the model: where its weights came from
-        converted = (read_lock(entry) or {}).get('converted') or {}
-        return load_checkpoint_file(path, converted.get('sha256'), converted.get('size'), name=entry.name)
+        return state_dict
     raise _no_weights_error(variant, cfg)
 
 
