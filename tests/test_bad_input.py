@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from an_zoo import AttentiveBatchNorm2d, CheckpointError
+from helpers import PickledCall
 from hf_server import LocalHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,16 +220,6 @@ def test_corrupt_file_is_refused_and_kept(name, tmp_path):
     _assert_kept(before, path.parent)
 
 
-class _Calls:
-    """Unpickling this object calls ``fn(*args)``: an importable function, not a class of a foreign library."""
-
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
-
-
 def test_pickled_calls_are_never_run(tmp_path):
     source = timm.create_model('an_resnet18_bn1')
     victim = tmp_path / 'victim'
@@ -236,7 +227,7 @@ def test_pickled_calls_are_never_run(tmp_path):
     (victim / 'keep.txt').write_text('the user\'s data')
     # shutil.rmtree: torch's weights_only unpickler would import it; an_zoo substitutes an inert placeholder
     path = tmp_path / 'rmtree.pth.tar'
-    torch.save({'state_dict': source.state_dict(), 'optimizer': _Calls(shutil.rmtree, str(victim))}, path)
+    torch.save({'state_dict': source.state_dict(), 'optimizer': PickledCall(shutil.rmtree, str(victim))}, path)
     before = _snapshot(tmp_path)
     model = _load('an_resnet18_bn1', path)
     assert (victim / 'keep.txt').read_text() == "the user's data", 'code referenced by the checkpoint was executed'
@@ -245,7 +236,7 @@ def test_pickled_calls_are_never_run(tmp_path):
     # os.system: torch refuses the module outright; the error says so instead of blaming a truncated download
     marker = tmp_path / 'marker'
     path = tmp_path / 'system.pth.tar'
-    torch.save({'state_dict': source.state_dict(), 'optimizer': _Calls(os.system, f'echo ran > {marker}')}, path)
+    torch.save({'state_dict': source.state_dict(), 'optimizer': PickledCall(os.system, f'echo ran > {marker}')}, path)
     before = _snapshot(tmp_path)
     with pytest.raises(CheckpointError, match=r"(?s)cannot read checkpoint .*system\.pth\.tar safely: it references "
                                               r"\['posix\.system'\].*Nothing from the file was run\. If you trust the "

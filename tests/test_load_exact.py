@@ -20,22 +20,13 @@ from an_zoo._manifest import ManifestError, load_manifest
 from an_zoo.hub import WeightsVerificationError
 from an_zoo.models._builder import _local_dir_weights
 from an_zoo.models._checkpoint import remap_state_dict
+from helpers import PickledCall
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHT = 'an_mobilenetv2_100.aog_e150_in1k'
 ARCH, TAG = WEIGHT.split('.')
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-class _Calls:
-    """Unpickling this object calls ``fn(*args)``; pickling it allocates nothing."""
-
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
 
 
 def _python_peak(fn):
@@ -53,7 +44,7 @@ def _python_peak(fn):
 @pytest.mark.parametrize('fmt', ['zip', 'legacy'])
 def test_pickled_bytearray_of_gigabytes_is_refused_before_allocating(fmt, tmp_path):
     path = tmp_path / 'bomb.pth'
-    torch.save({'state_dict': {'w': torch.zeros(2)}, 'extra': _Calls(bytearray, 3_000_000_000)}, path,
+    torch.save({'state_dict': {'w': torch.zeros(2)}, 'extra': PickledCall(bytearray, 3_000_000_000)}, path,
                _use_new_zipfile_serialization=fmt == 'zip')
     assert path.stat().st_size < 4096
     error, peak = _python_peak(lambda: load_checkpoint_file(path))
