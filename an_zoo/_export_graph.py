@@ -90,9 +90,10 @@ def check_onnx_inference_graph(onnx_model: Any, an_layers: Sequence[str] = (), *
     axis of the input and outputs is symbolic when ``dynamic_batch`` is True (static when False).
 
     With ``expect_folded`` (graphs of the dynamo exporter, whose nodes carry their PyTorch module scope), for every
-    AN layer named in ``an_layers``: no BatchNormalization inside the layer, and the path from the layer's input to
-    its output over full-size (N, C, H, W) tensors is exactly one ``Mul`` and one ``Add``, i.e. ``x * a + b`` (the
-    reference form ``(x - mean) * rstd * gamma + beta`` has three or four full-size ops, or a BatchNormalization).
+    AN layer named in ``an_layers``: no BatchNormalization of a full-size tensor inside the layer (that of the (N, K)
+    attention logits is the attention's own), and the path from the layer's input to its output over full-size
+    (N, C, H, W) tensors is exactly one ``Mul`` and one ``Add``, i.e. ``x * a + b`` (the reference form
+    ``(x - mean) * rstd * gamma + beta`` has three or four full-size ops, or a BatchNormalization).
     """
     import onnx
     model = _load_onnx(onnx_model)
@@ -176,9 +177,12 @@ def _check_folded(graph: Any, an_layers: Sequence[str],
             continue
         inside = {id(n) for n in nodes}
         produced = {o for n in nodes for o in n.output}
-        bns = [n.name for n in nodes if n.op_type == 'BatchNormalization']
+        # (a BatchNormalization of the (N, K) attention logits is the attention's own, in inference mode)
+        bns = [n.name for n in nodes if n.op_type == 'BatchNormalization'
+               and (n.input[0] not in shapes or _full_size(shapes[n.input[0]]))]
         if bns:
-            problems.append(f'AN layer {name}: BatchNormalization inside the layer ({bns}): not folded')
+            problems.append(f'AN layer {name}: BatchNormalization of a full-size tensor inside the layer ({bns}): '
+                            f'not folded')
         consumers_outside = {i for n in graph.node if id(n) not in inside for i in n.input}
         outputs = [o for o in produced if _full_size(shapes.get(o))
                    and (o in consumers_outside or o in {v.name for v in graph.output})]
@@ -201,8 +205,8 @@ def _check_folded(graph: Any, an_layers: Sequence[str],
     return folded, problems
 
 
-_TRAINING_ONLY_TARGETS = ('_native_batch_norm_legit.default', '_native_batch_norm_legit_functional',
-                          'native_batch_norm.default', 'bernoulli', 'rand', 'normal')
+_TRAINING_ONLY_TARGETS = ('_native_batch_norm_legit.default', '_native_batch_norm_legit_functional', 'bernoulli',
+                          'rand', 'normal')
 _DROPOUT_TARGETS = ('aten.dropout.default', 'aten.native_dropout.default', 'aten.feature_dropout.default',
                     'aten.alpha_dropout.default')
 
@@ -240,8 +244,9 @@ def check_exported_program_inference(program: 'torch.export.ExportedProgram') ->
             continue
         target = str(node.target)
         counts[target] = counts.get(target, 0) + 1
-        if target.endswith('batch_norm.default') and 'legit' not in target and len(node.args) > 5 and node.args[5]:
-            problems.append(f'{node.name}: {target} with training=True (batch statistics)')
+        if target.endswith('batch_norm.default') and 'legit' not in target:  # (native_)batch_norm: by its flag
+            if len(node.args) > 5 and node.args[5]:
+                problems.append(f'{node.name}: {target} with training=True (batch statistics)')
         elif target in _DROPOUT_TARGETS:
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get('train', True)
             if train is not False:  # dropout(p, train=False) is the identity

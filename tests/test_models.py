@@ -174,9 +174,12 @@ def test_compile_fullgraph(name):
     x = _input()
     compiled = torch.compile(model, fullgraph=True, backend='eager')
     compiled(x).mean().backward()  # training graph, no breaks
-    model.eval()
+    # the inference graph against eager in float64: eager and compiled code may round differently (e.g. eager CPU
+    # takes the instance moments from BatchNorm's kernels, compiled graphs from sums), and a deep random network
+    # amplifies float32 rounding far past float32 tolerances; in float64 any difference left is in the graph
+    model.eval().double()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(compiled(x.double()), model(x.double()))
 
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 from an_zoo import AttentiveBatchNorm2d
 from helpers import calibrated
 from an_zoo.layers import instance_attention_stats
+from an_zoo.layers import statistics
 from an_zoo.layers.fast_attentive_norm import instance_moments
 from an_zoo import set_an_impl
 from helpers import layer_with_statistics, spec_forward
@@ -392,24 +393,55 @@ def test_model_single_position_maps_and_batch_of_one(impl, name, device):
 
 
 # ----------------------------------------------------------------------------------- float32, |mean| >> std
-# The per-instance moments are sums of values shifted by one position of their own (sample, channel), so the
-# variance keeps float32 accuracy whatever the mean: torch.var_mean (two-pass) is the yardstick (4.7e-8 here).
+# Two ways to the per-instance moments: sums of values shifted by one position of their own (sample, channel), which
+# keep float32 accuracy whatever the mean (torch.var_mean, two-pass, is the yardstick), and on CPU BatchNorm's own
+# statistics kernel, exactly as accurate as BatchNorm's statistics of the same data (its mean is a float32 sum:
+# relative variance error up to ~3e-5 at |mean| / std = 1e4, ~1e-3 at 1e5).
 @pytest.mark.parametrize('mean, std', [(1e4, 1.0), (-1e4, 1.0), (1e3, 1e-2), (1.0, 1e-4), (0.0, 1.0)])
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_instance_moments_float32_large_mean(mean, std, channels_last):
+@pytest.mark.parametrize('kernels', ['shifted_sums', 'batchnorm'])
+def test_instance_moments_float32_large_mean(mean, std, channels_last, kernels, monkeypatch):
+    monkeypatch.setattr(statistics, 'use_batchnorm_kernels', lambda *t: kernels == 'batchnorm')
     x = (torch.randn(4, 8, 12, 10, dtype=torch.float64) * std + mean).float()
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     mu, var = instance_moments(x)
     exp_var, exp_mu = torch.var_mean(x.double(), dim=(2, 3), correction=0)
-    assert ((var.double() - exp_var).abs() / exp_var).max() <= 1e-6
+    tolerance = 1e-6 if kernels == 'shifted_sums' else (1e-4 if abs(mean) / std <= 1e4 else 3e-3)
+    assert ((var.double() - exp_var).abs() / exp_var).max() <= tolerance
     assert ((mu.double() - exp_mu).abs() / (exp_mu.abs() + exp_var.sqrt())).max() <= 1e-6
-    # float16 / bfloat16 input: the same float32 statistics of the rounded values
+    # float16 / bfloat16 input: the same float32 statistics of the rounded values (always the shifted sums)
+    monkeypatch.undo()
     for dtype in (torch.float16, torch.bfloat16):
         low = x.to(dtype)
         mu, var = instance_moments(low)
         exp_var, exp_mu = torch.var_mean(low.double(), dim=(2, 3), correction=0)
         assert ((var.double() - exp_var).abs() / exp_var.clamp(min=1e-30)).max() <= 1e-5
+
+
+def test_batchnorm_kernels_are_chosen_where_they_pay():
+    """BatchNorm's kernels for eager CPU float32 / float64: contiguous, or channels_last with large samples; the
+    shifted sums elsewhere (small channels_last samples, half precision, other layouts, mixed layouts)."""
+    large = torch.randn(2, 64, 40, 40)
+    assert statistics.use_batchnorm_kernels(large)
+    assert statistics.use_batchnorm_kernels(large.to(memory_format=torch.channels_last))
+    assert statistics.use_batchnorm_kernels(torch.randn(2, 8, 4, 4))  # contiguous: one call whatever the size
+    assert not statistics.use_batchnorm_kernels(torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last))
+    assert not statistics.use_batchnorm_kernels(large.to(torch.bfloat16))
+    assert not statistics.use_batchnorm_kernels(large.transpose(2, 3))
+    assert not statistics.use_batchnorm_kernels(large, large.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_batchnorm_kernel_gradient_sums(channels_last):
+    """The backward's two reductions through BatchNorm's backward kernel equal the plain sums."""
+    x, grad = torch.randn(3, 16, 7, 5, dtype=torch.float64), torch.randn(3, 16, 7, 5, dtype=torch.float64)
+    if channels_last:
+        x, grad = (t.to(memory_format=torch.channels_last) for t in (x, grad))
+    mean = torch.randn(16, dtype=torch.float64)
+    d_sum, d_centered = statistics.batchnorm_kernel_grad_sums(grad, x, mean)
+    torch.testing.assert_close(d_sum, grad.sum(dim=(2, 3)))
+    torch.testing.assert_close(d_centered, (grad * (x - mean[:, None, None])).sum(dim=(2, 3)))
 
 
 @pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])

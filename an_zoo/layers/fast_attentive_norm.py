@@ -6,18 +6,20 @@ and then ``xhat * gamma + beta`` (two more passes, and autograd saves ``xhat``, 
 mode it also records about fifteen autograd nodes per layer, whose bookkeeping dominates on small feature maps. Here:
 
 * :func:`~an_zoo.layers.statistics.instance_moments` gives the per-(sample, channel) mean and biased variance
-  (float32, also under autocast) from sums of shifted values. The batch statistics follow exactly from them (law of
-  total variance), and so does the attention input.
+  (float32, also under autocast): on CPU from BatchNorm's own statistics kernel (two reads, no writes) where that
+  pays, otherwise from sums of shifted values. The batch statistics follow exactly from them (law of total
+  variance), and so does the attention input.
 * The rest of the forward is (N, C) / (N, K) arithmetic, folded into one scale ``a`` and shift ``b`` per (sample,
   channel): ``out = x * a + b``, written in one pass.
 * :class:`AttentiveNormFunction` is that whole forward as a single ``torch.autograd.Function`` with an analytic
-  backward (derived in its docstring): two reductions over the incoming gradient, the input gradient in two
-  elementwise passes, and small matrix algebra for every parameter gradient. It saves x (the same storage BatchNorm
+  backward (derived in its docstring): two reductions over the incoming gradient (on CPU through BatchNorm's backward
+  kernel where that pays), the input gradient in two elementwise passes, and small matrix algebra for every
+  parameter gradient (BatchNorm_K forward and backward as one ``native_batch_norm`` op each). It saves x (the same storage BatchNorm
   saves) and only (N, C) / (N, K) vectors. Without autograd the same forward runs without the Function; in eval
-  mode both BatchNorms fold into the small matrices (:func:`_inference`).
+  mode (:func:`_inference`) it is the fewest small ops.
 * The only full-size tensors allocated are the output (forward) and the input gradient (backward), as for
-  BatchNorm: the squares of the statistics pass and the products ``dy * x`` are written into those buffers before
-  their final contents. (On CPU a fresh large allocation comes from the OS page by page; writing into a buffer that
+  BatchNorm: the shifted values and squares of the sums, and the products ``dy * x``, are written into those
+  buffers before their final contents. (On CPU a fresh large allocation comes from the OS page by page; writing into a buffer that
   is written anyway is measurably cheaper than a separate scratch tensor.)
 
 The running statistics are updated outside the Function (it has no side effects, as torch.compile wants), from the
@@ -32,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .statistics import instance_moments, stats_input, update_running_stats, uses_batch_stats
+from .statistics import (batchnorm_kernel_grad_sums, instance_moments, stats_input, update_running_stats,
+                         use_batchnorm_kernels, uses_batch_stats)
 
 __all__ = ['AttentiveNormFunction', 'instance_moments', 'fast_attentive_norm', 'fast_path_supported', 'stats_input']
 
@@ -86,15 +89,17 @@ def _forward(
     """``(out, [batch mean, unbiased batch var, attention-logit mean, unbiased attention-logit var], saved)``.
 
     ``norm_mean`` / ``attn_mean`` None: batch statistics (training), else those running statistics. The batch
-    statistics are returned empty where running ones are used; ``saved`` is what the backward needs.
+    statistics are returned empty where running ones are used; ``saved`` is what the backward needs. Every small op is
+    a dispatch whose cost on small feature maps is that of a data pass, so the (N, C) / (N, K) work is kept to the
+    fewest ops: in-place updates, and BatchNorm_K as one ``native_batch_norm`` (its backward is one op too).
     """
     n, _, h, w = x.shape
     spatial = h * w
     dt = _compute_dtype(x, mixture_weight)
-    # the output buffer first takes the squares of the statistics pass (no extra full-size allocation)
+    # the output buffer first takes the shifted values and their squares (no extra full-size allocation)
+    # the output buffer may first take the shifted values of the statistics pass (no extra full-size allocation)
     out = torch.empty_like(x)
-    mu, var_nc = instance_moments(x, out if x.dtype in (torch.float32, torch.float64) else None)
-    mu, var_nc = _cast(mu, dt), _cast(var_nc, dt)
+    mu, var_nc = _instance_moments(x, out, dt)
     if norm_mean is None:  # law of total variance: batch var = mean of instance vars + var of instance means
         mean = mu.mean(0)
         centered = mu - mean  # (torch.var_mean over dim 0 of an (N, C) matrix is a slow Welford loop on CPU)
@@ -107,34 +112,41 @@ def _forward(
     rstd = torch.rsqrt(var + eps)
     # attention input mu * rsqrt(unbiased var + eps); a single position has var 0 (see the reference layer)
     unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
-    q = torch.rsqrt(var_nc * unbias + attn_eps)
-    s = mu * q
-    z = s @ _cast(conv_weight, dt).view(conv_weight.shape[0], -1).t()  # the 1x1 conv on (N, C, 1, 1)
+    q = var_nc.mul_(unbias).add_(attn_eps).rsqrt_()
+    z = torch.mm(mu * q, _cast(conv_weight, dt).view(conv_weight.shape[0], -1).t())  # the 1x1 conv on (N, C, 1, 1)
+    attn_running = (None, None) if attn_mean is None else (_cast(attn_mean, dt), _cast(attn_var, dt))
+    u, z_mean, z_invstd = torch.native_batch_norm(z, _cast(attn_weight, dt), _cast(attn_bias, dt), *attn_running,
+                                                  attn_mean is None, 0.0, attn_bn_eps)
     if attn_mean is None:
-        z_var, z_mean = torch.var_mean(z, dim=0, correction=0)
-        batch_stats += [z_mean, z_var * (n / (n - 1))]
+        batch_stats += [z_mean, z.var(0)]
     else:
-        z_var, z_mean = _cast(attn_var, dt), _cast(attn_mean, dt)
         batch_stats += [x.new_empty(0, dtype=dt), x.new_empty(0, dtype=dt)]
-    z_rstd = torch.rsqrt(z_var + attn_bn_eps)
-    z_hat = (z - z_mean) * z_rstd
-    u = torch.addcmul(_cast(attn_bias, dt), z_hat, _cast(attn_weight, dt))  # BatchNorm_K's affine
     lam = F.hardsigmoid(u)
-    weight, bias = _cast(mixture_weight, dt), _cast(mixture_bias, dt)
-    a = (lam @ weight).mul_(rstd)  # gamma * rstd
-    b = torch.addcmul(lam @ bias, a, mean, value=-1)  # beta - mean * gamma * rstd
+    a = torch.mm(lam, _cast(mixture_weight, dt)).mul_(rstd)  # gamma * rstd
+    b = torch.mm(lam, _cast(mixture_bias, dt)).addcmul_(a, mean, value=-1)  # beta - mean * gamma * rstd
     _channel_affine(x, a, b, mean, out)
-    # s and a are recomputed in backward (one product each): two (N, C) tensors fewer kept per layer
-    return out, batch_stats, (mean, rstd, mu, q, u, lam, z_hat, z_rstd)
+    # s = mu q and a are recomputed in backward (one product each): two (N, C) tensors fewer kept per layer
+    return out, batch_stats, (mean, rstd, mu, q, z, u, lam, z_mean, z_invstd, *attn_running)
+
+
+def _instance_moments(x: torch.Tensor, scratch: torch.Tensor, dtype: torch.dtype
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`instance_moments` of x in ``dtype``; ``scratch`` (x's buffer for the output) is used only by the shifted
+    sums of a float32 / float64 x."""
+    mu, var = instance_moments(x, scratch if x.dtype in (torch.float32, torch.float64) else None)
+    return _cast(mu, dtype), _cast(var, dtype)
 
 
 def _gradient_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scratch: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``sum_hw dy`` and ``sum_hw dy (x - m)`` per (sample, channel), in ``mean``'s dtype (m: per channel).
 
-    ``scratch`` (like x) takes the products ``dy * x``; the layer passes the buffer its input gradient is written
-    to next, so no extra full-size tensor is allocated.
+    Through BatchNorm's backward kernel where :func:`use_batchnorm_kernels` holds (no writes); otherwise ``scratch``
+    (like x) takes the products ``dy * x``: the layer passes the buffer its input gradient is written to next, so no
+    extra full-size tensor is allocated.
     """
+    if mean.dtype == x.dtype and use_batchnorm_kernels(x, grad):
+        return batchnorm_kernel_grad_sums(grad, x, mean)
     d_sum = grad.sum(dim=(2, 3), dtype=mean.dtype)
     d_product = torch.mul(grad, x, out=scratch).sum(dim=(2, 3), dtype=mean.dtype)
     return d_sum, d_product.addcmul_(d_sum, mean, value=-1)
@@ -146,25 +158,33 @@ def _inference(
         attn_mean: torch.Tensor, attn_var: torch.Tensor, eps: float, attn_eps: float, attn_bn_eps: float,
 ) -> torch.Tensor:
     """:func:`_forward` without autograd and with running statistics for both BatchNorms (inference), in the fewest
-    ops: BatchNorm_K folds into the 1x1 conv (``u = s Wc'^T + t``), the standardization into the mixture
-    (``[a | b] = lam [W r | B - W m r]``), so the (N, C) / (N, K) work is a handful of small matrix products."""
+    ops: every small op is a dispatch (and often an allocation) whose cost on a small feature map is that of the
+    data passes, so nothing is folded per call and no (K, C) temporary is made.
+
+    With the shifted sums ``S1 = sum(x - k)``, ``S2 = sum((x - k)^2)`` (:func:`instance_sums`), ``M = H * W``:
+    ``(M - 1) (var_hw + e_a) = S2 - S1 (S1 / M) + e_a (M - 1)`` (unbiased var), so the attention input
+    ``mu * rsqrt(var_hw + e_a)`` is ``mu * rsqrt(that) * sqrt(M - 1)``; the constant factor is applied to the K
+    logits. BatchNorm_K is one ``batch_norm`` call on the (N, K) logits.
+    """
     n, c, h, w = x.shape
     spatial = h * w
     dt = _compute_dtype(x, mixture_weight)
-    weight = _cast(mixture_weight, dt)
-    rstd = torch.rsqrt(_cast(norm_var, dt) + eps)
-    mixture = torch.cat([weight * rstd, torch.addcmul(_cast(mixture_bias, dt), weight, _cast(norm_mean, dt) * rstd,
-                                                      value=-1)], dim=1)  # (K, 2C)
-    attn_scale = torch.rsqrt(_cast(attn_var, dt) + attn_bn_eps).mul_(_cast(attn_weight, dt))
-    attn_shift = torch.addcmul(_cast(attn_bias, dt), _cast(attn_mean, dt), attn_scale, value=-1)
-    conv = _cast(conv_weight, dt).view(conv_weight.shape[0], c) * attn_scale[:, None]  # (K, C)
     out = torch.empty_like(x)
-    mu, var_nc = instance_moments(x, out if x.dtype in (torch.float32, torch.float64) else None)
-    unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
-    s = torch.rsqrt(_cast(var_nc, dt).mul_(unbias).add_(attn_eps)).mul_(_cast(mu, dt))
-    lam = F.hardsigmoid(torch.addmm(attn_shift, s, conv.t()), inplace=True)
-    scale, shift = (lam @ mixture).view(n, 2, c, 1, 1).unbind(1)
-    return _channel_affine(x, scale.view(n, c), shift.view(n, c), _cast(norm_mean, dt), out)
+    mu, var_nc = _instance_moments(x, out, dt)
+    if spatial > 1:  # mu * rsqrt(var_nc M / (M - 1) + e_a), the factor sqrt((M - 1) / M) moved to the K logits
+        s = var_nc.add_(attn_eps * (spatial - 1) / spatial).rsqrt_().mul_(mu)
+        logit_scale = ((spatial - 1) / spatial) ** 0.5
+    else:  # a single position has variance 0 (see the reference layer): s = mu * rsqrt(e_a)
+        s = mu
+        logit_scale = attn_eps ** -0.5
+    z = torch.mm(s, _cast(conv_weight, dt).view(conv_weight.shape[0], c).t()).mul_(logit_scale)
+    z = torch.batch_norm(z, _cast(attn_weight, dt), _cast(attn_bias, dt), _cast(attn_mean, dt), _cast(attn_var, dt),
+                         False, 0.0, attn_bn_eps, False)
+    lam = F.hardsigmoid(z, inplace=True)
+    mean = _cast(norm_mean, dt)
+    a = torch.mm(lam, _cast(mixture_weight, dt)).mul_(torch.rsqrt(_cast(norm_var, dt) + eps))  # gamma * rstd
+    b = torch.mm(lam, _cast(mixture_bias, dt)).addcmul_(a, mean, value=-1)  # beta - mean * a
+    return _channel_affine(x, a, b, mean, out)
 
 
 class AttentiveNormFunction(torch.autograd.Function):
@@ -200,7 +220,7 @@ class AttentiveNormFunction(torch.autograd.Function):
             out, batch_stats, saved = _forward(x, conv_weight, attn_weight, attn_bias, mixture_weight, mixture_bias,
                                                norm_mean, norm_var, attn_mean, attn_var, eps, attn_eps, attn_bn_eps)
         ctx.save_for_backward(x, conv_weight, attn_weight, mixture_weight, mixture_bias, *saved)
-        ctx.norm_batch, ctx.attn_batch = norm_mean is None, attn_mean is None
+        ctx.norm_batch, ctx.attn_batch, ctx.attn_bn_eps = norm_mean is None, attn_mean is None, attn_bn_eps
         ctx.dtypes = (x.dtype, conv_weight.dtype, attn_weight.dtype, attn_bias.dtype, mixture_weight.dtype,
                       mixture_bias.dtype)
         ctx.mark_non_differentiable(*batch_stats)
@@ -213,15 +233,15 @@ class AttentiveNormFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        x, conv_weight, attn_weight, mixture_weight, mixture_bias, mean, rstd, mu, q, u, lam, z_hat, z_rstd = \
-            ctx.saved_tensors
+        (x, conv_weight, attn_weight, mixture_weight, mixture_bias, mean, rstd, mu, q, z, u, lam, z_mean, z_invstd,
+         attn_mean, attn_var) = ctx.saved_tensors
         need = ctx.needs_input_grad
         n, _, h, w = x.shape
         spatial = h * w
         dt = mu.dtype
         weight, bias = _cast(mixture_weight, dt), _cast(mixture_bias, dt)
         s = mu * q  # as in the forward, bit for bit
-        a = (lam @ weight).mul_(rstd)
+        a = torch.mm(lam, weight).mul_(rstd)
         d_x = torch.empty_like(x)
         d_beta, d_a = _gradient_sums(grad_out, x, mean, d_x)  # P, Q - m P
         d_gamma = d_a * rstd
@@ -229,24 +249,18 @@ class AttentiveNormFunction(torch.autograd.Function):
         d_mixture_bias = lam.t() @ d_beta if need[5] else None
         d_lam = torch.addmm(d_beta @ bias.t(), d_gamma, weight.t())
         d_u = torch.ops.aten.hardsigmoid_backward(d_lam, u)
-        d_attn_weight = (d_u * z_hat).sum(0) if need[2] else None
-        d_attn_bias = d_u.sum(0) if need[3] else None
-        d_z = d_u * _cast(attn_weight, dt)
-        if ctx.attn_batch:
-            d_z = d_z - d_z.mean(0) - z_hat * (d_z * z_hat).mean(0)
-        d_z = d_z.mul_(z_rstd)
-        wc = _cast(conv_weight, dt).view(conv_weight.shape[0], -1)
+        d_z, d_attn_weight, d_attn_bias = torch.ops.aten.native_batch_norm_backward(
+            d_u, z, _cast(attn_weight, dt), attn_mean, attn_var, z_mean, z_invstd, ctx.attn_batch, ctx.attn_bn_eps,
+            [True, need[2], need[3]])
         d_conv_weight = (d_z.t() @ s).view(conv_weight.shape) if need[1] else None
-        d_s = d_z @ wc
-        d_mu = d_s * q
-        unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
-        d_var_nc = d_s.mul_(s).mul_(q.square()).mul_(-0.5 * unbias)
         if not need[0]:
             d_x = None
         else:
+            d_mu = (d_z @ _cast(conv_weight, dt).view(conv_weight.shape[0], -1)).mul_(q)  # d_s q
+            unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
+            d_var_nc = torch.mul(d_mu, s).mul_(q).mul_(-0.5 * unbias)  # -d_s s q^2 M / (2 (M - 1))
             if ctx.norm_batch:
-                d_rstd = (d_a * a).sum(0).div_(rstd)
-                d_var = d_rstd.mul_(rstd.pow(3)).mul_(-0.5 / n)  # dvar / N
+                d_var = (d_a * a).sum(0).mul_(rstd.square()).mul_(-0.5 / n)  # dvar / N = -dr r^3 / (2 N)
                 d_var_nc = d_var_nc.add_(d_var)
                 d_mean = (d_beta * a).sum(0).mul_(-1.0 / n)  # dm / N
                 d_mu = d_mu.add_(d_mean).addcmul_(mu - mean, d_var, value=2.0)

@@ -10,10 +10,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['stats_input', 'instance_moments', 'running_stats_factor', 'update_running_stats', 'uses_batch_stats']
+__all__ = ['stats_input', 'instance_moments', 'use_batchnorm_kernels', 'batchnorm_kernel_grad_sums', 'running_stats_factor',
+           'update_running_stats', 'uses_batch_stats']
 
 _SINGLE_PASS_BYTES = 16 << 20  # float32 copies of float16 / bfloat16 input: up to this size at once, else chunks
 _SCRATCH_BYTES = 4 << 20
+_BATCHNORM_KERNEL_MIN_SAMPLE = 100_000  # channels_last elements per sample (see use_batchnorm_kernels)
 
 
 def stats_input(x: torch.Tensor) -> torch.Tensor:
@@ -28,40 +30,103 @@ def _shifted_sums(x: torch.Tensor, scratch: torch.Tensor) -> Tuple[torch.Tensor,
     ``scratch`` (x's shape, dtype and layout) receives ``x - k`` and then its squares: both sums are of shifted values,
     whose size is that of the spread of x, not of its mean, so neither loses precision when |mean| >> std.
     """
-    shift = x[:, :, :1].mean(dim=3, keepdim=True)  # a new tensor (scratch may be x)
+    # a new, contiguous tensor: scratch may be x, and a broadcast operand with x's own strides is slower
+    shift = x[:, :, :1].mean(dim=3, keepdim=True)
     torch.sub(x, shift, out=scratch)  # the shift broadcasts over H, W
     s1 = scratch.sum(dim=(2, 3))
-    return s1, scratch.square_().sum(dim=(2, 3)), shift.flatten(1)
+    return s1, scratch.square_().sum(dim=(2, 3)), shift.view(shift.shape[:2])
+
+
+def _instance_sums(x: torch.Tensor, scratch: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_shifted_sums` of x, float32 for half-precision x (converted in chunks of samples: a small scratch)."""
+    if x.dtype in (torch.float32, torch.float64):
+        return _shifted_sums(x, torch.empty_like(x) if scratch is None else scratch)
+    chunk = x.shape[0]
+    per_sample = x[0].numel() * 4
+    if per_sample * chunk > _SINGLE_PASS_BYTES:
+        chunk = max(1, _SCRATCH_BYTES // per_sample)
+    parts = []
+    for part in x.split(chunk):
+        part = part.float()
+        parts.append(_shifted_sums(part, part))  # d and its squares overwrite the copy
+    if len(parts) == 1:
+        return parts[0]
+    s1, s2, shift = (torch.cat(t) for t in zip(*parts))
+    return s1, s2, shift
+
+
+def use_batchnorm_kernels(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the per-(sample, channel) reductions over x (and ``others``, laid out like x) run through BatchNorm's own
+    CPU kernels: eager CPU float32 / float64 tensors, contiguous (one call over the (1, N*C, H, W) view) or
+    channels_last with at least ``_BATCHNORM_KERNEL_MIN_SAMPLE`` elements per sample (one call per sample).
+
+    Those kernels read the data without writing any, where the shifted sums write ``x - k`` and its squares; a call
+    per sample costs a few microseconds, so small channels_last samples keep the sums (measured crossover on a
+    2-core CPU: about 1e5 elements per sample). Compiled and exported graphs keep the sums (one fused reduction for
+    the compiler, and no loop over the batch).
+    """
+    if x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        return False
+    if any(t.stride() != x.stride() or t.dtype != x.dtype for t in others):
+        return False
+    if x.is_contiguous():
+        return True
+    return x.is_contiguous(memory_format=torch.channels_last) and x[0].numel() >= _BATCHNORM_KERNEL_MIN_SAMPLE
+
+
+def _per_channel_view(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous (N, C, H, W) tensor as (1, N*C, H, W): each (sample, channel) a BatchNorm channel."""
+    return t.view(1, t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _batchnorm_kernel_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, biased var)`` per (sample, channel) from BatchNorm's statistics kernel (two passes, no writes)."""
+    n, c = x.shape[:2]
+    if x.is_contiguous():
+        mean, var = torch.batch_norm_update_stats(_per_channel_view(x), None, None, 0.0)
+        return mean.view(n, c), var.view(n, c)
+    stats = [torch.batch_norm_update_stats(x[i:i + 1], None, None, 0.0) for i in range(n)]
+    return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
+
+
+def batchnorm_kernel_grad_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_hw grad, sum_hw grad * (x - mean))`` per (sample, channel), ``mean`` per channel, from BatchNorm's
+    backward kernel (its bias and weight gradients with unit inverse std: one fused read of both tensors, no
+    writes). For tensors where :func:`use_batchnorm_kernels` holds."""
+    n, c = x.shape[:2]
+    mask = [False, True, True]
+    if x.is_contiguous():
+        ones = mean.new_ones(n * c)
+        _, d_xc, d_sum = torch.ops.aten.native_batch_norm_backward(
+            _per_channel_view(grad), _per_channel_view(x), None, None, None, mean.repeat(n), ones, True, 0.0, mask)
+        return d_sum.view(n, c), d_xc.view(n, c)
+    ones = mean.new_ones(c)
+    sums = [torch.ops.aten.native_batch_norm_backward(grad[i:i + 1], x[i:i + 1], None, None, None, mean, ones, True,
+                                                      0.0, mask) for i in range(n)]
+    return torch.stack([s for _, _, s in sums]), torch.stack([xc for _, xc, _ in sums])
 
 
 def instance_moments(x: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(mean, biased var)`` over H*W per (sample, channel), float32 (float64 for float64 input), no autograd.
 
-    With ``k`` the mean of the first row of each (sample, channel) (close to the mean: little cancellation left)
-    and ``d = x - k``: ``mean = k + sum(d) / M`` and
-    ``var = sum(d^2) / M - (sum(d) / M)^2``. Both sums are of shifted values, so the result is as accurate as a
-    two-pass variance (``torch.var_mean``) when |mean| >> std (tested up to |mean| / std = 1e4 against float64),
-    yet it takes plain sums, several times faster on CPU than torch.var_mean's Welford loop over the H, W dims of
-    (especially channels_last) tensors.
+    Both ways are as accurate as a two-pass variance when |mean| >> std (tested up to |mean| / std = 1e4 against
+    float64): BatchNorm's CPU statistics kernel where :func:`use_batchnorm_kernels` holds, otherwise plain sums of
+    values shifted by ``k`` (the mean of the first row of each (sample, channel), close to the mean: little
+    cancellation left), ``mean = k + sum(d) / M``, ``var = sum(d^2) / M - (sum(d) / M)^2`` with ``d = x - k``. Plain
+    sums are several times faster on CPU than torch.var_mean's Welford loop over the H, W dims of (especially
+    channels_last) tensors, and one fused reduction for compilers.
 
     ``scratch``: an optional float32 / float64 tensor like x to write ``d`` and its squares into. The layer passes
     the buffer its output goes to next, so that no extra full-size tensor is allocated.
     """
+    if use_batchnorm_kernels(x):
+        return _batchnorm_kernel_moments(x)
+    s1, s2, shift = _instance_sums(x, scratch)
     spatial = x.shape[2] * x.shape[3]
-    if x.dtype in (torch.float32, torch.float64):
-        s1, s2, shift = _shifted_sums(x, torch.empty_like(x) if scratch is None else scratch)
-    else:  # float32 statistics of a half-precision input: converted in chunks of samples (a small scratch copy)
-        chunk = x.shape[0]
-        per_sample = x[0].numel() * 4
-        if per_sample * chunk > _SINGLE_PASS_BYTES:
-            chunk = max(1, _SCRATCH_BYTES // per_sample)
-        parts = []
-        for part in x.split(chunk):
-            part = part.float()
-            parts.append(_shifted_sums(part, part))  # d and its squares overwrite the copy
-        s1, s2, shift = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
-    offset = s1 * (1.0 / spatial)  # mean - k
-    var = torch.addcmul(s2 * (1.0 / spatial), offset, offset, value=-1).clamp_(min=0)
+    offset = s1.mul_(1.0 / spatial)  # mean - k
+    var = s2.mul_(1.0 / spatial).addcmul_(offset, offset, value=-1).clamp_(min=0)
     return offset.add_(shift), var
 
 
