@@ -420,16 +420,15 @@ def test_instance_moments_float32_large_mean(mean, std, channels_last, kernels, 
 
 
 def test_batchnorm_kernels_are_chosen_where_they_pay():
-    """BatchNorm's kernels for eager CPU float32 / float64: contiguous, or channels_last with large samples; the
-    shifted sums elsewhere (small channels_last samples, half precision, other layouts, mixed layouts)."""
-    large = torch.randn(2, 64, 40, 40)
-    assert statistics.use_batchnorm_kernels(large)
-    assert statistics.use_batchnorm_kernels(large.to(memory_format=torch.channels_last))
-    assert statistics.use_batchnorm_kernels(torch.randn(2, 8, 4, 4))  # contiguous: one call whatever the size
+    """BatchNorm's kernels for eager CPU float32 / float64 channels_last tensors with large samples; the shifted sums
+    elsewhere (small samples, contiguous tensors, half precision, other or mixed layouts)."""
+    large = torch.randn(2, 64, 40, 40).to(memory_format=torch.channels_last)
+    assert statistics.use_batchnorm_kernels(large) and statistics.use_batchnorm_kernels(large.double())
+    assert statistics.use_batchnorm_kernels(large, torch.randn_like(large))
+    assert not statistics.use_batchnorm_kernels(large.contiguous())
     assert not statistics.use_batchnorm_kernels(torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last))
     assert not statistics.use_batchnorm_kernels(large.to(torch.bfloat16))
-    assert not statistics.use_batchnorm_kernels(large.transpose(2, 3))
-    assert not statistics.use_batchnorm_kernels(large, large.to(memory_format=torch.channels_last))
+    assert not statistics.use_batchnorm_kernels(large, large.contiguous())
 
 
 @pytest.mark.parametrize('channels_last', [False, True])

@@ -58,35 +58,26 @@ def _instance_sums(x: torch.Tensor, scratch: Optional[torch.Tensor]
 
 def use_batchnorm_kernels(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether the per-(sample, channel) reductions over x (and ``others``, laid out like x) run through BatchNorm's own
-    CPU kernels: eager CPU float32 / float64 tensors, contiguous (one call over the (1, N*C, H, W) view) or
-    channels_last with at least ``_BATCHNORM_KERNEL_MIN_SAMPLE`` elements per sample (one call per sample).
+    CPU kernels, one call per sample: eager CPU float32 / float64 channels_last tensors with at least
+    ``_BATCHNORM_KERNEL_MIN_SAMPLE`` elements per sample.
 
-    Those kernels read the data without writing any, where the shifted sums write ``x - k`` and its squares; a call
-    per sample costs a few microseconds, so small channels_last samples keep the sums (measured crossover on a
-    2-core CPU: about 1e5 elements per sample). Compiled and exported graphs keep the sums (one fused reduction for
-    the compiler, and no loop over the batch).
+    There those kernels read the data without writing any, where the shifted sums write ``x - k`` and its squares.
+    A call per sample costs a few microseconds, so small samples keep the sums (measured crossover on a 2-core CPU:
+    about 1e5 elements per sample); on contiguous (NCHW) tensors BatchNorm's per-sample kernels measured 2-3x slower
+    than the sums. Compiled and exported graphs keep the sums (one fused reduction for the compiler, no loop over the
+    batch).
     """
     if x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
         return False
     if any(t.stride() != x.stride() or t.dtype != x.dtype for t in others):
         return False
-    if x.is_contiguous():
-        return True
-    return x.is_contiguous(memory_format=torch.channels_last) and x[0].numel() >= _BATCHNORM_KERNEL_MIN_SAMPLE
-
-
-def _per_channel_view(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous (N, C, H, W) tensor as (1, N*C, H, W): each (sample, channel) a BatchNorm channel."""
-    return t.view(1, t.shape[0] * t.shape[1], *t.shape[2:])
+    return (x.dim() == 4 and x[0].numel() >= _BATCHNORM_KERNEL_MIN_SAMPLE
+            and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def _batchnorm_kernel_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(mean, biased var)`` per (sample, channel) from BatchNorm's statistics kernel (two passes, no writes)."""
-    n, c = x.shape[:2]
-    if x.is_contiguous():
-        mean, var = torch.batch_norm_update_stats(_per_channel_view(x), None, None, 0.0)
-        return mean.view(n, c), var.view(n, c)
-    stats = [torch.batch_norm_update_stats(x[i:i + 1], None, None, 0.0) for i in range(n)]
+    stats = [torch.batch_norm_update_stats(x[i:i + 1], None, None, 0.0) for i in range(x.shape[0])]
     return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
 
 
@@ -95,16 +86,10 @@ def batchnorm_kernel_grad_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.
     """``(sum_hw grad, sum_hw grad * (x - mean))`` per (sample, channel), ``mean`` per channel, from BatchNorm's
     backward kernel (its bias and weight gradients with unit inverse std: one fused read of both tensors, no
     writes). For tensors where :func:`use_batchnorm_kernels` holds."""
-    n, c = x.shape[:2]
+    ones = mean.new_ones(mean.shape)
     mask = [False, True, True]
-    if x.is_contiguous():
-        ones = mean.new_ones(n * c)
-        _, d_xc, d_sum = torch.ops.aten.native_batch_norm_backward(
-            _per_channel_view(grad), _per_channel_view(x), None, None, None, mean.repeat(n), ones, True, 0.0, mask)
-        return d_sum.view(n, c), d_xc.view(n, c)
-    ones = mean.new_ones(c)
     sums = [torch.ops.aten.native_batch_norm_backward(grad[i:i + 1], x[i:i + 1], None, None, None, mean, ones, True,
-                                                      0.0, mask) for i in range(n)]
+                                                      0.0, mask) for i in range(x.shape[0])]
     return torch.stack([s for _, _, s in sums]), torch.stack([xc for _, xc, _ in sums])
 
 
