@@ -159,12 +159,10 @@ def _inference(
 ) -> torch.Tensor:
     """:func:`_forward` without autograd and with running statistics for both BatchNorms (inference), in the fewest
     ops: every small op is a dispatch (and often an allocation) whose cost on a small feature map is that of the
-    data passes, so nothing is folded per call and no (K, C) temporary is made.
-
-    With the shifted sums ``S1 = sum(x - k)``, ``S2 = sum((x - k)^2)`` (:func:`instance_sums`), ``M = H * W``:
-    ``(M - 1) (var_hw + e_a) = S2 - S1 (S1 / M) + e_a (M - 1)`` (unbiased var), so the attention input
-    ``mu * rsqrt(var_hw + e_a)`` is ``mu * rsqrt(that) * sqrt(M - 1)``; the constant factor is applied to the K
-    logits. BatchNorm_K is one ``batch_norm`` call on the (N, K) logits.
+    data passes, so in eager mode nothing is folded per call and no (K, C) temporary is made: BatchNorm_K is one
+    ``batch_norm`` call on the (N, K) logits. Compiled and exported graphs fold it into the 1x1 conv instead, a
+    computation on parameters alone that compilers and runtimes fold once (ONNX Runtime then fuses the conv, its
+    bias and the hardsigmoid into one Gemm).
     """
     n, c, h, w = x.shape
     spatial = h * w
@@ -177,9 +175,14 @@ def _inference(
     else:  # a single position has variance 0 (see the reference layer): s = mu * rsqrt(e_a)
         s = mu
         logit_scale = attn_eps ** -0.5
-    z = torch.mm(s, _cast(conv_weight, dt).view(conv_weight.shape[0], c).t()).mul_(logit_scale)
-    z = torch.batch_norm(z, _cast(attn_weight, dt), _cast(attn_bias, dt), _cast(attn_mean, dt), _cast(attn_var, dt),
-                         False, 0.0, attn_bn_eps, False)
+    conv = _cast(conv_weight, dt).view(conv_weight.shape[0], c)
+    if torch.compiler.is_compiling():
+        attn_scale = torch.rsqrt(_cast(attn_var, dt) + attn_bn_eps) * _cast(attn_weight, dt)
+        attn_shift = _cast(attn_bias, dt) - _cast(attn_mean, dt) * attn_scale
+        z = torch.addmm(attn_shift, s, (conv * (attn_scale * logit_scale)[:, None]).t())
+    else:
+        z = torch.batch_norm(torch.mm(s, conv.t()).mul_(logit_scale), _cast(attn_weight, dt), _cast(attn_bias, dt),
+                             _cast(attn_mean, dt), _cast(attn_var, dt), False, 0.0, attn_bn_eps, False)
     lam = F.hardsigmoid(z, inplace=True)
     mean = _cast(norm_mean, dt)
     a = torch.mm(lam, _cast(mixture_weight, dt)).mul_(torch.rsqrt(_cast(norm_var, dt) + eps))  # gamma * rstd
