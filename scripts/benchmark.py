@@ -175,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--img-infer', type=int, default=224)
     parser.add_argument('--batch-train', type=int, default=16)
     parser.add_argument('--img-train', type=int, default=128)
-    parser.add_argument('--rounds', type=int, default=7, help='interleaved AN/BN rounds (median reported)')
-    parser.add_argument('--iters', type=int, default=3, help='steps timed per round')
+    parser.add_argument('--rounds', type=int, default=11, help='interleaved AN/BN rounds (median reported)')
+    parser.add_argument('--iters', type=int, default=1,
+                        help='steps timed per round (1: AN and BN alternate step by step, which a machine whose speed '
+                             'drifts disturbs least)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--impl', choices=('fast', 'reference'), help='AN implementation (sets AN_ZOO_IMPL)')
     parser.add_argument('--memory-only', action='store_true', help='only the saved-activation measure')

@@ -14,13 +14,13 @@ mode it also records about fifteen autograd nodes per layer, whose bookkeeping d
 * :class:`AttentiveNormFunction` is that whole forward as a single ``torch.autograd.Function`` with an analytic
   backward (derived in its docstring): two reductions over the incoming gradient (on CPU through BatchNorm's backward
   kernel where that pays), the input gradient in two elementwise passes, and small matrix algebra for every
-  parameter gradient (BatchNorm_K forward and backward as one ``native_batch_norm`` op each). It saves x (the same storage BatchNorm
-  saves) and only (N, C) / (N, K) vectors. Without autograd the same forward runs without the Function; in eval
-  mode (:func:`_inference`) it is the fewest small ops.
+  parameter gradient (BatchNorm_K forward and backward as one ``native_batch_norm`` op each). It saves x (the same
+  storage BatchNorm saves) and only (N, C) / (N, K) vectors. Without autograd the same forward runs without the
+  Function; in eval mode (:func:`_inference`) it is the fewest small ops.
 * The only full-size tensors allocated are the output (forward) and the input gradient (backward), as for
   BatchNorm: the shifted values and squares of the sums, and the products ``dy * x``, are written into those
-  buffers before their final contents. (On CPU a fresh large allocation comes from the OS page by page; writing into a buffer that
-  is written anyway is measurably cheaper than a separate scratch tensor.)
+  buffers before their final contents. (On CPU a fresh large allocation comes from the OS page by page; writing
+  into a buffer that is written anyway is measurably cheaper than a separate scratch tensor.)
 
 The running statistics are updated outside the Function (it has no side effects, as torch.compile wants), from the
 batch statistics it returns. The backward is checked against the reference layer and with

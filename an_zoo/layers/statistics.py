@@ -2,16 +2,17 @@
 and the BatchNorm running-statistics update.
 
 Both AN implementations (the reference layer and the fast functions), the FX-traceable functional form and the CPU
-SyncBatchNorm import these, so that the choices made here (float32 statistics for half-precision input, the shifted
-one-pass moments, BatchNorm's momentum / cumulative-average rule) are made once.
+SyncBatchNorm import these, so that the choices made here (float32 statistics for half-precision input, how the
+per-instance moments are reduced: BatchNorm's own CPU kernels or shifted sums, BatchNorm's momentum /
+cumulative-average rule) are made once.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['stats_input', 'instance_moments', 'use_batchnorm_kernels', 'batchnorm_kernel_grad_sums', 'running_stats_factor',
-           'update_running_stats', 'uses_batch_stats']
+__all__ = ['stats_input', 'instance_moments', 'use_batchnorm_kernels', 'batchnorm_kernel_grad_sums',
+           'running_stats_factor', 'update_running_stats', 'uses_batch_stats']
 
 _SINGLE_PASS_BYTES = 16 << 20  # float32 copies of float16 / bfloat16 input: up to this size at once, else chunks
 _SCRATCH_BYTES = 4 << 20
