@@ -96,7 +96,6 @@ def _forward(
     n, _, h, w = x.shape
     spatial = h * w
     dt = _compute_dtype(x, mixture_weight)
-    # the output buffer first takes the shifted values and their squares (no extra full-size allocation)
     # the output buffer may first take the shifted values of the statistics pass (no extra full-size allocation)
     out = torch.empty_like(x)
     mu, var_nc = _instance_moments(x, out, dt)
