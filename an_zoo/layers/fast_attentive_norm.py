@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .statistics import (batchnorm_kernel_grad_sums, instance_moments, stats_input, update_running_stats,
+from .statistics import (batchnorm_kernel_grad_sums, instance_moments, stats_input, update_running_stats_many,
                          use_batchnorm_kernels, uses_batch_stats)
 
 __all__ = ['AttentiveNormFunction', 'instance_moments', 'fast_attentive_norm', 'fast_path_supported', 'stats_input']
@@ -112,7 +112,8 @@ def _forward(
     # attention input mu * rsqrt(unbiased var + eps); a single position has var 0 (see the reference layer)
     unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
     q = var_nc.mul_(unbias).add_(attn_eps).rsqrt_()
-    z = torch.mm(mu * q, _cast(conv_weight, dt).view(conv_weight.shape[0], -1).t())  # the 1x1 conv on (N, C, 1, 1)
+    s = mu * q
+    z = torch.mm(s, _cast(conv_weight, dt).view(conv_weight.shape[0], -1).t())  # the 1x1 conv on (N, C, 1, 1)
     attn_running = (None, None) if attn_mean is None else (_cast(attn_mean, dt), _cast(attn_var, dt))
     u, z_mean, z_invstd = torch.native_batch_norm(z, _cast(attn_weight, dt), _cast(attn_bias, dt), *attn_running,
                                                   attn_mean is None, 0.0, attn_bn_eps)
@@ -124,8 +125,8 @@ def _forward(
     a = torch.mm(lam, _cast(mixture_weight, dt)).mul_(rstd)  # gamma * rstd
     b = torch.mm(lam, _cast(mixture_bias, dt)).addcmul_(a, mean, value=-1)  # beta - mean * gamma * rstd
     _channel_affine(x, a, b, mean, out)
-    # s = mu q and a are recomputed in backward (one product each): two (N, C) tensors fewer kept per layer
-    return out, batch_stats, (mean, rstd, mu, q, z, u, lam, z_mean, z_invstd, *attn_running)
+    # s and a are kept rather than recomputed: (N, C) each, and two ops fewer in every backward
+    return out, batch_stats, (mean, rstd, mu, q, s, a, z, u, lam, z_mean, z_invstd, *attn_running)
 
 
 def _instance_moments(x: torch.Tensor, scratch: torch.Tensor, dtype: torch.dtype
@@ -213,6 +214,7 @@ class AttentiveNormFunction(torch.autograd.Function):
         dv += dvar / N,  dmu += (dm + 2 dvar (mu - m)) / N
       and from mu = sum_hw x / M, v = sum_hw (x - mu)^2 / M:
         dx = dy a + dmu / M + 2 dv (x - mu) / M = dy a + x p + c,   p = 2 dv / M,  c = dmu / M - p mu
+      where, in c = (dmu - 2 mu dv) / M, the batch-statistics terms reduce to the per-channel (dm - 2 m dvar) / (N M).
     """
 
     @staticmethod
@@ -226,48 +228,52 @@ class AttentiveNormFunction(torch.autograd.Function):
         ctx.dtypes = (x.dtype, conv_weight.dtype, attn_weight.dtype, attn_bias.dtype, mixture_weight.dtype,
                       mixture_bias.dtype)
         ctx.mark_non_differentiable(*batch_stats)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the batch statistics (four ops per layer)
         return (out, *batch_stats)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
+        if grad_out is None:  # the output took no part in what is differentiated
+            return (None,) * 13
         with _no_autocast(grad_out.device.type):
             return AttentiveNormFunction._backward(ctx, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        (x, conv_weight, attn_weight, mixture_weight, mixture_bias, mean, rstd, mu, q, z, u, lam, z_mean, z_invstd,
-         attn_mean, attn_var) = ctx.saved_tensors
+        (x, conv_weight, attn_weight, mixture_weight, mixture_bias, mean, rstd, mu, q, s, a, z, u, lam, z_mean,
+         z_invstd, attn_mean, attn_var) = ctx.saved_tensors
         need = ctx.needs_input_grad
         n, _, h, w = x.shape
         spatial = h * w
         dt = mu.dtype
         weight, bias = _cast(mixture_weight, dt), _cast(mixture_bias, dt)
-        s = mu * q  # as in the forward, bit for bit
-        a = torch.mm(lam, weight).mul_(rstd)
         d_x = torch.empty_like(x)
         d_beta, d_a = _gradient_sums(grad_out, x, mean, d_x)  # P, Q - m P
         d_gamma = d_a * rstd
-        d_mixture_weight = lam.t() @ d_gamma if need[4] else None
-        d_mixture_bias = lam.t() @ d_beta if need[5] else None
-        d_lam = torch.addmm(d_beta @ bias.t(), d_gamma, weight.t())
+        lam_t = lam.t()
+        d_mixture_weight = torch.mm(lam_t, d_gamma) if need[4] else None
+        d_mixture_bias = torch.mm(lam_t, d_beta) if need[5] else None
+        d_lam = torch.addmm(torch.mm(d_beta, bias.t()), d_gamma, weight.t())
         d_u = torch.ops.aten.hardsigmoid_backward(d_lam, u)
         d_z, d_attn_weight, d_attn_bias = torch.ops.aten.native_batch_norm_backward(
             d_u, z, _cast(attn_weight, dt), attn_mean, attn_var, z_mean, z_invstd, ctx.attn_batch, ctx.attn_bn_eps,
             [True, need[2], need[3]])
-        d_conv_weight = (d_z.t() @ s).view(conv_weight.shape) if need[1] else None
+        d_conv_weight = torch.mm(d_z.t(), s).view(conv_weight.shape) if need[1] else None
         if not need[0]:
             d_x = None
-        else:
-            d_mu = (d_z @ _cast(conv_weight, dt).view(conv_weight.shape[0], -1)).mul_(q)  # d_s q
+        else:  # d_x = dy a + x p + c, p and c as in the class docstring, in the fewest (N, C) ops
             unbias = spatial / (spatial - 1) if spatial > 1 else 0.0
-            d_var_nc = torch.mul(d_mu, s).mul_(q).mul_(-0.5 * unbias)  # -d_s s q^2 M / (2 (M - 1))
-            if ctx.norm_batch:
-                d_var = (d_a * a).sum(0).mul_(rstd.square()).mul_(-0.5 / n)  # dvar / N = -dr r^3 / (2 N)
-                d_var_nc = d_var_nc.add_(d_var)
-                d_mean = (d_beta * a).sum(0).mul_(-1.0 / n)  # dm / N
-                d_mu = d_mu.add_(d_mean).addcmul_(mu - mean, d_var, value=2.0)
-            p = d_var_nc.mul_(2.0 / spatial)
-            c = torch.addcmul(d_mu.mul_(1.0 / spatial), p, mu, value=-1)
+            conv = _cast(conv_weight, dt).view(conv_weight.shape[0], -1)
+            d_mu = torch.addmm(mu, d_z, conv, beta=0, alpha=1.0 / spatial).mul_(q)  # d_mu / M via the attention
+            t = torch.mul(d_mu, s).mul_(q)  # -2 (M - 1) dv / M^2 via the attention
+            c = torch.addcmul(d_mu, mu, t, value=unbias)  # (d_mu - 2 mu dv) / M
+            if ctx.norm_batch:  # the batch mean and variance add per-channel terms (dvar / N, dm / N)
+                p_var = torch.linalg.vecdot(d_gamma, a, dim=0).mul_(rstd).mul_(-1.0 / (n * spatial))  # 2 dvar/(N M)
+                c_mean = torch.linalg.vecdot(d_beta, a, dim=0).mul_(-1.0 / (n * spatial))  # dm / (N M)
+                c = c.add_(c_mean.addcmul_(mean, p_var, value=-1))  # + (dm - 2 m dvar) / (N M)
+                p = torch.add(p_var, t, alpha=-unbias)
+            else:
+                p = t.mul_(-unbias)
             torch.addcmul(_nc11(c, x.dtype), x, _nc11(p, x.dtype), out=d_x).addcmul_(grad_out, _nc11(a, x.dtype))
         grads = (d_x, d_conv_weight, d_attn_weight, d_attn_bias, d_mixture_weight, d_mixture_bias)
         grads = tuple(g if g is None else _cast(g, dtype) for g, dtype in zip(grads, ctx.dtypes))
@@ -304,8 +310,6 @@ def fast_attentive_norm(x: torch.Tensor, norm: nn.Module, attn_bn: nn.Module, co
             if not (norm_batch or attn_batch):
                 return _inference(*args)
             out, (mean, var, z_mean, z_var), _ = _forward(*args)
-    if norm_batch:
-        update_running_stats(norm, mean, var)
-    if attn_batch:
-        update_running_stats(attn_bn, z_mean, z_var)
+    # (a BatchNorm with running statistics from which no batch ones were computed is in eval mode: not updated)
+    update_running_stats_many(((norm, mean, var), (attn_bn, z_mean, z_var)))
     return out

@@ -6,13 +6,14 @@ SyncBatchNorm import these, so that the choices made here (float32 statistics fo
 per-instance moments are reduced: BatchNorm's own CPU kernels or shifted sums, BatchNorm's momentum /
 cumulative-average rule) are made once.
 """
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 __all__ = ['stats_input', 'instance_moments', 'use_batchnorm_kernels', 'batchnorm_kernel_grad_sums',
-           'running_stats_factor', 'update_running_stats', 'uses_batch_stats']
+           'running_stats_factor', 'update_running_stats', 'update_running_stats_many',
+           'uses_batch_stats']
 
 _SINGLE_PASS_BYTES = 16 << 20  # float32 copies of float16 / bfloat16 input: up to this size at once, else chunks
 _SCRATCH_BYTES = 4 << 20
@@ -68,12 +69,14 @@ def use_batchnorm_kernels(x: torch.Tensor, *others: torch.Tensor) -> bool:
     than the sums. Compiled and exported graphs keep the sums (one fused reduction for the compiler, no loop over the
     batch).
     """
-    if x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+    # (cheapest tests first: this runs on every layer call, where a tensor method costs about as much as a small op)
+    if x.dim() != 4 or x.numel() < _BATCHNORM_KERNEL_MIN_SAMPLE * x.shape[0] or x.device.type != 'cpu':
+        return False
+    if x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
         return False
     if any(t.stride() != x.stride() or t.dtype != x.dtype for t in others):
         return False
-    return (x.dim() == 4 and x[0].numel() >= _BATCHNORM_KERNEL_MIN_SAMPLE
-            and x.is_contiguous(memory_format=torch.channels_last))
+    return x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _batchnorm_kernel_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +113,9 @@ def instance_moments(x: torch.Tensor, scratch: Optional[torch.Tensor] = None) ->
     if use_batchnorm_kernels(x):
         return _batchnorm_kernel_moments(x)
     s1, s2, shift = _instance_sums(x, scratch)
-    spatial = x.shape[2] * x.shape[3]
-    offset = s1.mul_(1.0 / spatial)  # mean - k
-    var = s2.mul_(1.0 / spatial).addcmul_(offset, offset, value=-1).clamp_(min=0)
-    return offset.add_(shift), var
+    scale = 1.0 / (x.shape[2] * x.shape[3])
+    var = s2.addcmul_(s1, s1, value=-scale).mul_(scale).clamp_(min=0)  # (sum d^2 - (sum d)^2 / M) / M
+    return torch.add(shift, s1, alpha=scale), var
 
 
 def uses_batch_stats(bn: nn.Module) -> bool:
@@ -131,11 +133,46 @@ def running_stats_factor(num_batches_tracked: Optional[torch.Tensor], momentum: 
     return momentum
 
 
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # (absent from older torch releases)
+    return is_exporting is not None and is_exporting()
+
+
 def update_running_stats(bn: nn.Module, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
     """``nn.BatchNorm2d``'s running-statistics update of ``bn`` from a batch's mean and unbiased variance (in
     training mode with running statistics; otherwise nothing)."""
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            factor = running_stats_factor(bn.num_batches_tracked, bn.momentum)
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-            bn.running_var.lerp_(var_unbiased.to(bn.running_var.dtype), factor)
+    with torch.no_grad():
+        update_running_stats_many([(bn, mean, var_unbiased)])
+
+
+def update_running_stats_many(updates: Sequence[Tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> None:
+    """:func:`update_running_stats` of several BatchNorms, ``(bn, mean, unbiased var)`` each, as few ops as possible
+    (one counter increment and one interpolation for all the BatchNorms with the same momentum): an AN layer
+    updates two BatchNorms per training step, and on small feature maps each op costs about as much as a data pass.
+    The statistics must not require grad (the caller detaches or runs under no_grad)."""
+    updates = [u for u in updates if u[0].training and u[0].track_running_stats and u[0].running_mean is not None]
+    if not updates:
+        return
+    # graphs (compiled, exported) get one op per tensor: exporters such as ONNX's have no foreach ops
+    foreach = not (torch.compiler.is_compiling() or _is_exporting())
+    counters = [bn.num_batches_tracked for bn, _, _ in updates if bn.num_batches_tracked is not None]
+    if foreach and counters:
+        torch._foreach_add_(counters, 1)
+    else:
+        for counter in counters:
+            counter.add_(1)
+    by_factor: Dict[float, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+    for bn, mean, var in updates:
+        factor = bn.momentum  # else the cumulative average, as running_stats_factor
+        if factor is None:
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
+        running, batch = by_factor.setdefault(factor, ([], []))
+        running += [bn.running_mean, bn.running_var]
+        batch += [mean if mean.dtype == bn.running_mean.dtype else mean.to(bn.running_mean.dtype),
+                  var if var.dtype == bn.running_var.dtype else var.to(bn.running_var.dtype)]
+    for factor, (running, batch) in by_factor.items():
+        if foreach:
+            torch._foreach_lerp_(running, batch, factor)
+        else:
+            for target, value in zip(running, batch):
+                target.lerp_(value, factor)
