@@ -420,8 +420,9 @@ def test_instance_moments_float32_large_mean(mean, std, channels_last, kernels, 
 
 
 def test_batchnorm_kernels_are_chosen_where_they_pay():
-    """BatchNorm's kernels for eager CPU float32 / float64 channels_last tensors with large samples; the shifted sums
-    elsewhere (small samples, contiguous tensors, half precision, other or mixed layouts)."""
+    """BatchNorm's kernels for eager CPU float32 / float64 channels_last tensors with large samples (its backward
+    kernel only in large tensors too); the shifted sums elsewhere (small samples, contiguous tensors, half precision,
+    other or mixed layouts)."""
     large = torch.randn(2, 64, 40, 40).to(memory_format=torch.channels_last)
     assert statistics.use_batchnorm_kernels(large) and statistics.use_batchnorm_kernels(large.double())
     assert statistics.use_batchnorm_kernels(large, torch.randn_like(large))
@@ -429,6 +430,11 @@ def test_batchnorm_kernels_are_chosen_where_they_pay():
     assert not statistics.use_batchnorm_kernels(torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last))
     assert not statistics.use_batchnorm_kernels(large.to(torch.bfloat16))
     assert not statistics.use_batchnorm_kernels(large, large.contiguous())
+    # the backward's kernel only for large tensors as well (below ~2.2M elements the sums' extra write is cheap)
+    assert not statistics.use_batchnorm_backward_kernels(large, torch.randn_like(large))
+    huge = torch.randn(2, 64, 150, 150).to(memory_format=torch.channels_last)  # 2.88M elements
+    assert statistics.use_batchnorm_backward_kernels(huge, torch.randn_like(huge))
+    assert not statistics.use_batchnorm_backward_kernels(huge, torch.randn_like(huge).contiguous())
 
 
 @pytest.mark.parametrize('channels_last', [False, True])

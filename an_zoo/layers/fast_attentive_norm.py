@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .statistics import (batchnorm_kernel_grad_sums, instance_moments, stats_input, update_running_stats_many,
-                         use_batchnorm_kernels, uses_batch_stats)
+                         use_batchnorm_backward_kernels, uses_batch_stats)
 
 __all__ = ['AttentiveNormFunction', 'instance_moments', 'fast_attentive_norm', 'fast_path_supported', 'stats_input']
 
@@ -141,11 +141,11 @@ def _gradient_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, scra
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``sum_hw dy`` and ``sum_hw dy (x - m)`` per (sample, channel), in ``mean``'s dtype (m: per channel).
 
-    Through BatchNorm's backward kernel where :func:`use_batchnorm_kernels` holds (no writes); otherwise ``scratch``
-    (like x) takes the products ``dy * x``: the layer passes the buffer its input gradient is written to next, so no
-    extra full-size tensor is allocated.
+    Through BatchNorm's backward kernel where :func:`use_batchnorm_backward_kernels` holds (no writes); otherwise
+    ``scratch`` (like x) takes the products ``dy * x``: the layer passes the buffer its input gradient is written to
+    next, so no extra full-size tensor is allocated.
     """
-    if mean.dtype == x.dtype and use_batchnorm_kernels(x, grad):
+    if mean.dtype == x.dtype and use_batchnorm_backward_kernels(x, grad):
         return batchnorm_kernel_grad_sums(grad, x, mean)
     d_sum = grad.sum(dim=(2, 3), dtype=mean.dtype)
     d_product = torch.mul(grad, x, out=scratch).sum(dim=(2, 3), dtype=mean.dtype)
