@@ -91,7 +91,8 @@ def use_batchnorm_backward_kernels(x: torch.Tensor, grad: torch.Tensor) -> bool:
 
 def _batchnorm_kernel_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(mean, biased var)`` per (sample, channel) from BatchNorm's statistics kernel (two passes, no writes)."""
-    stats = [torch.batch_norm_update_stats(x[i:i + 1], None, None, 0.0) for i in range(x.shape[0])]
+    # (split: the N one-sample views in one call, not one slicing op per sample)
+    stats = [torch.batch_norm_update_stats(sample, None, None, 0.0) for sample in x.split(1)]
     return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
 
 
@@ -103,8 +104,8 @@ def batchnorm_kernel_grad_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.
     :func:`use_batchnorm_backward_kernels` does)."""
     ones = mean.new_ones(mean.shape)
     mask = [False, True, True]
-    sums = [torch.ops.aten.native_batch_norm_backward(grad[i:i + 1], x[i:i + 1], None, None, None, mean, ones, True,
-                                                      0.0, mask) for i in range(x.shape[0])]
+    sums = [torch.ops.aten.native_batch_norm_backward(grad_sample, x_sample, None, None, None, mean, ones, True, 0.0,
+                                                      mask) for grad_sample, x_sample in zip(grad.split(1), x.split(1))]
     return torch.stack([s for _, _, s in sums]), torch.stack([xc for _, xc, _ in sums])
 
 
