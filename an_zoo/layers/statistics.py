@@ -140,6 +140,11 @@ def running_stats_factor(num_batches_tracked: Optional[torch.Tensor], momentum: 
     (``momentum``, or the cumulative average ``1 / num_batches_tracked`` when momentum is None)."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
+    return _update_factor(num_batches_tracked, momentum)
+
+
+def _update_factor(num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float]) -> float:
+    """The update factor once the batch is counted: ``momentum``, or the cumulative average when it is None."""
     if momentum is None:
         return 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     return momentum
@@ -175,10 +180,7 @@ def update_running_stats_many(updates: Sequence[Tuple[nn.Module, torch.Tensor, t
             counter.add_(1)
     by_factor: Dict[float, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
     for bn, mean, var in updates:
-        factor = bn.momentum  # else the cumulative average, as running_stats_factor
-        if factor is None:
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
-        running, batch = by_factor.setdefault(factor, ([], []))
+        running, batch = by_factor.setdefault(_update_factor(bn.num_batches_tracked, bn.momentum), ([], []))
         running += [bn.running_mean, bn.running_var]
         batch += [mean if mean.dtype == bn.running_mean.dtype else mean.to(bn.running_mean.dtype),
                   var if var.dtype == bn.running_var.dtype else var.to(bn.running_var.dtype)]
