@@ -34,15 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .statistics import (batchnorm_kernel_grad_sums, instance_moments, stats_input, update_running_stats_many,
+from .statistics import (_cast, batchnorm_kernel_grad_sums, instance_moments, stats_input, update_running_stats_many,
                          use_batchnorm_backward_kernels, uses_batch_stats)
 
 __all__ = ['AttentiveNormFunction', 'instance_moments', 'fast_attentive_norm', 'fast_path_supported', 'stats_input']
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # (a no-op Tensor.to still costs a dispatch; these layers run dozens of tiny ops, so it shows)
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _nc11(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

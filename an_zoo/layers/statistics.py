@@ -21,6 +21,11 @@ _BATCHNORM_KERNEL_MIN_SAMPLE = 100_000  # channels_last elements per sample (see
 _BATCHNORM_BACKWARD_KERNEL_MIN_TOTAL = 2_250_000  # elements of the whole tensor (see use_batchnorm_backward_kernels)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # (a no-op Tensor.to still costs a dispatch; these layers run dozens of tiny ops, so it shows)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def stats_input(x: torch.Tensor) -> torch.Tensor:
     """x in the dtype AN statistics are computed in: float32 for float16 / bfloat16 (autocast), else unchanged
     (float64 stays float64, e.g. for gradcheck)."""
@@ -182,8 +187,7 @@ def update_running_stats_many(updates: Sequence[Tuple[nn.Module, torch.Tensor, t
     for bn, mean, var in updates:
         running, batch = by_factor.setdefault(_update_factor(bn.num_batches_tracked, bn.momentum), ([], []))
         running += [bn.running_mean, bn.running_var]
-        batch += [mean if mean.dtype == bn.running_mean.dtype else mean.to(bn.running_mean.dtype),
-                  var if var.dtype == bn.running_var.dtype else var.to(bn.running_var.dtype)]
+        batch += [_cast(mean, bn.running_mean.dtype), _cast(var, bn.running_var.dtype)]
     for factor, (running, batch) in by_factor.items():
         if foreach:
             torch._foreach_lerp_(running, batch, factor)
